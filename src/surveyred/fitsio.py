@@ -52,6 +52,31 @@ def write_hdulist(hdul: fits.HDUList, path: str | os.PathLike) -> None:
         hdul.writeto(tmp, overwrite=True, checksum=True)
 
 
+def write_all(items) -> None:
+    """Write several products all or none.
+
+    ``items`` is a sequence of ``(path, HDUList)``.  Every list is written to a
+    temporary file beside its destination first; only when all are written are
+    they renamed into place.  On failure no temporary file is left behind and
+    no destination is touched.
+    """
+    tmps: list[str] = []
+    try:
+        for path, hdul in items:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(tmp)
+            hdul.writeto(tmp, overwrite=True, checksum=True)
+        for (path, _), tmp in zip(items, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 def open_fits(path: str | os.PathLike) -> fits.HDUList:
     """Open a FITS file read-only, verifying that every HDU's data is complete.
 
@@ -132,3 +157,76 @@ def read_exposure(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.n
         except KeyError as exc:
             raise CorruptInput(f"not a calibrated exposure ({_cause(exc)})", path=path) from exc
         return image, mask, variance, hdul[0].header.copy(), hdul["IMAGE"].header.copy()
+
+
+# -- header-only reading (ingest) ------------------------------------------------------
+
+import zlib  # noqa: E402 - kept with the code that needs it
+
+_STREAM_COMPRESSED = (".gz", ".bz2")
+
+
+def _decompressed_size(path: Path) -> int:
+    """Bytes in a gzip/bzip2 stream; raises on a damaged or truncated stream."""
+    import bz2
+    import gzip
+
+    opener = bz2.open if str(path).endswith(".bz2") else gzip.open
+    n = 0
+    with opener(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 22)
+            if not chunk:
+                return n
+            n += len(chunk)
+
+
+def read_headers(path: str | os.PathLike) -> list[fits.Header]:
+    """The headers of every HDU of a FITS file, without reading pixel data.
+
+    The file is checked for completeness like :func:`open_fits`: every HDU's
+    declared data must fit in the file.  Plain and tile-compressed (``.fz``)
+    files are checked against the file size; whole-file compressed files
+    (``.gz``, ``.bz2``) are decompressed as a stream (without keeping the
+    bytes) so that a truncated stream is caught too.  For a tile-compressed
+    HDU the header is that of the uncompressed image (``NAXISn`` are the
+    image's).
+
+    Returns
+    -------
+    list of astropy.io.fits.Header
+        One header per HDU, in file order; ``EXTNAME`` identifies named HDUs.
+
+    Raises
+    ------
+    CorruptInput
+        If the file is missing, empty, not FITS, truncated or damaged.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorruptInput("file does not exist", path=path)
+    if path.stat().st_size == 0:
+        raise CorruptInput("empty file, not FITS", path=path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyUserWarning)
+            warnings.simplefilter("ignore", VerifyWarning)
+            with fits.open(path, mode="readonly", memmap=True, lazy_load_hdus=False) as hdul:
+                headers = [hdu.header.copy() for hdu in hdul]
+                end = max(hdu._data_offset + hdu._data_size for hdu in hdul)  # noqa: SLF001
+    except CorruptInput:
+        raise
+    except (OSError, ValueError, TypeError, EOFError, zlib.error, AstropyUserWarning) as exc:
+        cause = _cause(exc)
+        what = "truncated" if "truncated" in cause.lower() else "not a readable FITS file"
+        raise CorruptInput(f"{what} ({cause})", path=path) from exc
+    if str(path).endswith(_STREAM_COMPRESSED):
+        try:
+            size = _decompressed_size(path)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise CorruptInput(f"compressed stream damaged or truncated ({_cause(exc)})", path=path) from exc
+    else:
+        size = path.stat().st_size
+    if end > size:
+        raise CorruptInput(f"truncated: its HDUs need {end} bytes, file has {size}", path=path)
+    return headers

@@ -148,7 +148,7 @@ class Amplifier:
         values = {}
         for name in ("datasec", "detsec", "biassec", "pbiassec"):
             value = getattr(self, name)
-            if isinstance(value, str):
+            if isinstance(value, str) and value.startswith("header:"):
                 key = value.split(":", 1)[1]
                 if header is None or key not in header or not str(header[key]).strip():
                     raise ShapeMismatch(
@@ -159,7 +159,7 @@ class Amplifier:
                 except ValueError as exc:
                     raise ShapeMismatch(f"amplifier {self.name}: {key} {exc}", path=where) from exc
             values[name] = value
-        if values["detsec"] is None or isinstance(self.detsec, str) and self.detsec == "auto":
+        if values["detsec"] is None or values["detsec"] == "auto":
             values["detsec"] = Section(1, values["datasec"].nx, 1, values["datasec"].ny)
         return dataclasses.replace(self, **values)
 

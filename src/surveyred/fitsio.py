@@ -47,9 +47,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_hdulist(hdul: fits.HDUList, path: str | os.PathLike) -> None:
-    """Write ``hdul`` atomically to ``path`` (with checksums)."""
+    """Write ``hdul`` atomically to ``path``.
+
+    No CHECKSUM/DATASUM cards: astropy stamps the wall-clock time into their
+    comments, which would make identical runs give different bytes.
+    """
     with atomic_path(path) as tmp:
-        hdul.writeto(tmp, overwrite=True, checksum=True)
+        hdul.writeto(tmp, overwrite=True)
 
 
 def write_all(items) -> None:
@@ -68,7 +72,7 @@ def write_all(items) -> None:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(tmp)
-            hdul.writeto(tmp, overwrite=True, checksum=True)
+            hdul.writeto(tmp, overwrite=True)  # no checksums: see write_hdulist
         for (path, _), tmp in zip(items, tmps):
             os.replace(tmp, path)
     finally:

@@ -49,7 +49,7 @@ _SECTION_RE = re.compile(r"^\s*\[\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*
 OBSTYPES = ("bias", "flat", "dark", "science")
 
 KEYWORD_FIELDS = (
-    "obstype", "filter", "exptime", "date", "ra", "dec", "airmass", "object", "visit",
+    "obstype", "filter", "exptime", "date", "time", "ra", "dec", "airmass", "object", "visit",
 )
 REQUIRED_KEYWORDS = ("obstype", "exptime", "date")
 

@@ -277,9 +277,8 @@ def isr_exposure(
                 ph[f"GAIN{amp.name}"] = (amp.gain, f"amp {amp.name} gain (e-/ADU)")
                 ph[f"RDNOIS{amp.name}"] = (amp.read_noise, f"amp {amp.name} read noise (e-)")
                 ph[f"SATUR{amp.name}"] = (amp.saturation * amp.gain, f"amp {amp.name} saturation (e-)")
-            for field_ in dataclasses.fields(cfg):
-                if field_.name.startswith("do_"):
-                    ph[f"ISR_{field_.name[3:].upper()[:8]}"] = (getattr(cfg, field_.name), f"ISR step {field_.name}")
+            ph["ISRSTEPS"] = (",".join(f.name[3:] for f in dataclasses.fields(cfg)
+                                       if f.name.startswith("do_") and getattr(cfg, f.name)), "ISR steps applied")
             add_provenance(ph, step="isr", inputs=inputs,
                            params={"isr": dataclasses.asdict(cfg), "overscan": dataclasses.asdict(calib_cfg.overscan)},
                            config=config)

@@ -49,7 +49,10 @@ def bits(*names: str) -> int:
 def write_planes(header) -> None:
     """Record the plane definitions in a FITS header (``MP_<NAME> = bit``)."""
     for name, value in PLANES.items():
-        header[f"MP_{name}"] = (int(value).bit_length() - 1, f"mask plane {name} bit number")
+        key = f"MP_{name}"
+        if len(key) > 8:  # say HIERARCH ourselves rather than have astropy warn
+            key = f"HIERARCH {key}"
+        header[key] = (int(value).bit_length() - 1, f"mask plane {name} bit number")
 
 
 def describe(value: int) -> list[str]:

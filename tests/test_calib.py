@@ -9,7 +9,7 @@ import pytest
 from surveyred import masks
 from surveyred.calib import (
     CombineConfig, DefectConfig, OverscanConfig, assemble_detector, combine_stack, find_defects,
-    overscan_columns, overscan_vector, ptc_gain,
+    overscan_columns, overscan_variance, overscan_vector, ptc_gain,
 )
 from surveyred.errors import ConfigError, InsufficientData
 from surveyred.instrument import load_instrument
@@ -80,7 +80,11 @@ def test_assemble_flips_and_converts_to_electrons(det):
     np.testing.assert_allclose(image[:, :256], ramp[0] * a.gain, rtol=1e-6)
     # amp B's raw data [305:560] maps to detsec [257:512] with the same orientation here
     np.testing.assert_allclose(image[:, 256:], ramp[1] * b.gain, rtol=1e-6)
-    np.testing.assert_allclose(var, np.maximum(image, 0) + det.read_noise_map() ** 2, rtol=1e-6)
+    cfg = OverscanConfig(columns=(0, None))
+    over = np.concatenate([np.full((512, 256), overscan_variance(a, cfg)) for a in det.amps], axis=1)
+    # Poisson + read noise + the per-row overscan estimate ((pi/2) rn^2 / 24 columns)
+    np.testing.assert_allclose(var, np.maximum(image, 0) + det.read_noise_map() ** 2 + over, rtol=1e-6)
+    assert overscan_variance(a, cfg) == pytest.approx(np.pi / 2 * a.read_noise ** 2 / 24)
     assert not mask.any()
 
 
@@ -89,13 +93,27 @@ def test_combine_rejects_outliers():
     stack = rng.normal(100.0, 5.0, (9, 40, 30)).astype(np.float32)
     stack[3, 10, 10] = 10000.0  # cosmic ray in one frame
     stack[5, 20, :] = np.nan  # a missing row
-    mean, count, std = combine_stack(stack, CombineConfig(), chunk_rows=7)
+    mean, count, std = combine_stack(stack, CombineConfig(), read_noise=5.0, chunk_rows=7)
     others = np.delete(stack[:, 10, 10], 3)
     assert mean[10, 10] == pytest.approx(others.mean(), rel=1e-5)
     assert count[10, 10] == 8 and count[20, 0] == 8
     assert abs(np.nanmean(mean) - 100.0) < 0.1
     with pytest.raises(InsufficientData, match="2 frames"):
         combine_stack(stack[:2], CombineConfig(min_frames=3))
+
+
+def test_noise_clip_rejects_a_cosmic_ray_among_five_frames():
+    """One cosmic ray among 5 bias frames: the scatter clip keeps it, the noise-model clip does not."""
+    rng = np.random.default_rng(7)
+    stack = rng.normal(0.0, 6.0, (5, 30, 30)).astype(np.float32)
+    stack[1, 5, 5] += 10000.0
+    by_scatter, n_scatter, _ = combine_stack(stack, CombineConfig(clip="scatter", min_frames=1))
+    by_noise, n_noise, _ = combine_stack(stack, CombineConfig(clip="noise", min_frames=1), read_noise=6.0)
+    assert n_scatter[5, 5] == 5 and by_scatter[5, 5] > 1000  # 10000 is only 2 sample-sigmas from the median
+    assert n_noise[5, 5] == 4
+    assert by_noise[5, 5] == pytest.approx(np.delete(stack[:, 5, 5], 1).mean(), rel=1e-5)
+    # on clean pixels both keep everything: 3 sigma of the true noise rejects ~0.3% of values
+    assert (n_noise == 5).mean() > 0.98
 
 
 def test_find_defects_flags_columns_and_hot_pixels():

@@ -506,3 +506,35 @@ def test_find_cosmic_rays_rejects_bad_arguments():
     with pytest.raises(ValueError, match="background"):
         find_cosmic_rays(z, z, np.zeros((5, 5), np.int32), background=np.zeros((4, 4)))
     assert not find_cosmic_rays(np.zeros((2, 2)), np.ones((2, 2)), np.zeros((2, 2), np.int32)).any()
+
+
+# -- noise-model clipping (IRAF ccdclip-like) -----------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_scales", [False, True])
+def test_clipped_mean_noise_model_matches_reference(threads, with_scales):
+    from surveyred.kernels.combine import clipped_mean, clipped_mean_ref
+
+    rng = np.random.default_rng(21)
+    n, ny, nx = 7, 23, 31
+    level = 2000.0
+    stack = (level + rng.normal(0, np.sqrt(level + 25.0), (n, ny, nx))).astype(np.float32)
+    stack[rng.random((n, ny, nx)) < 0.02] += 5000.0  # cosmic rays
+    stack[0, 3, 4] = np.nan
+    scales = rng.uniform(0.9, 1.1, n) * level if with_scales else None
+    var0 = rng.uniform(20.0, 30.0, (ny, nx))
+    got = clipped_mean(stack, scales=scales, noise=(var0, True), threads=threads)
+    ref = clipped_mean_ref(stack, scales=scales, noise=(var0, True))
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_allclose(got[0], ref[0], rtol=2e-6)
+    np.testing.assert_allclose(got[2], ref[2], rtol=2e-5, atol=1e-6)
+
+
+def test_clipped_mean_noise_model_validates():
+    from surveyred.kernels.combine import clipped_mean
+
+    stack = np.zeros((3, 4, 5), dtype=np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        clipped_mean(stack, noise=(np.ones((5, 4)), True))
+    with pytest.raises(ValueError, match="positive"):
+        clipped_mean(stack, noise=(0.0, False))

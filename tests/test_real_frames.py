@@ -49,8 +49,8 @@ def test_saao_overscan_and_trim_from_own_cards():
     over = raw[:, 3:13].astype(float)
     assert np.median(over) > 100
     assert abs(np.median(image / gain) - (np.median(raw[:, 16:528]) - np.median(over))) < 1.0
-    # variance = signal + read noise^2 (electrons)
-    expected = np.maximum(image, 0) + det.amps[0].read_noise ** 2
+    # variance = signal + read noise^2 + the per-row overscan estimate's variance (electrons^2)
+    expected = np.maximum(image, 0) + det.amps[0].read_noise ** 2 + calib.overscan_variance(det.amps[0], cfg)
     np.testing.assert_allclose(variance, expected, rtol=1e-5)
 
 

@@ -82,14 +82,25 @@ class OverscanConfig:
 
 @dataclass(frozen=True)
 class CombineConfig:
+    """Sigma-clipped combination of calibration frames.
+
+    ``clip = "noise"`` measures deviations against each pixel's expected noise
+    (read noise + Poisson, as IRAF's ccdclip), which rejects a cosmic ray even
+    among three to five frames; ``"scatter"`` uses the sample standard
+    deviation (ccdproc's default), which needs many frames to do so.
+    """
+
     low_sigma: float = 3.0
     high_sigma: float = 3.0
     maxiters: int = 5
     min_frames: int = 3
+    clip: str = "noise"
 
     def validate(self) -> "CombineConfig":
         if self.low_sigma <= 0 or self.high_sigma <= 0 or self.maxiters < 1 or self.min_frames < 1:
             raise ConfigError("combine: sigmas > 0, maxiters >= 1, min_frames >= 1 required")
+        if self.clip not in ("noise", "scatter"):
+            raise ConfigError(f"combine.clip must be 'noise' or 'scatter', got {self.clip!r}")
         return self
 
 
@@ -235,6 +246,32 @@ def overscan_vector(raw: np.ndarray, amp: Amplifier, cfg: OverscanConfig, *, thr
     return _fit_rows(rows, cfg)
 
 
+def overscan_variance(amp: Amplifier, cfg: OverscanConfig | None) -> float:
+    """Variance (e^2) that subtracting the overscan estimate adds to each data pixel.
+
+    Notes
+    -----
+    With ``n`` overscan columns of read noise ``r`` (e-) over ``N`` rows: the
+    median of a row has variance ``(pi/2) r^2 / n``; a constant from the whole
+    region ``r^2 / (n N)`` (mean) or ``(pi/2) r^2 / (n N)`` (median); a fit
+    with ``k`` free parameters to the row medians ``(pi/2) r^2 k / (n N)``
+    (``k = order + 1`` for a polynomial, ``knots + 4`` for a cubic spline).
+    """
+    if cfg is None or amp.biassec is None:
+        return 0.0
+    n = overscan_columns(amp, cfg.columns)
+    ncols, nrows = n.stop - n.start, amp.datasec.ny
+    per_row = 0.5 * np.pi * amp.read_noise ** 2 / ncols
+    if cfg.mode == "median_per_row":
+        return per_row
+    if cfg.mode == "mean":
+        return amp.read_noise ** 2 / (ncols * nrows)
+    if cfg.mode == "median":
+        return per_row / nrows
+    k = cfg.order + 1 if cfg.mode == "poly" else cfg.knots + 4
+    return per_row * min(1.0, k / nrows)
+
+
 def parallel_overscan_vector(raw: np.ndarray, amp: Amplifier, serial_level: float) -> np.ndarray:
     """Per-column residual level (ADU) from the parallel overscan, or zeros."""
     if amp.pbiassec is None:
@@ -256,6 +293,8 @@ def assemble_detector(
     flat: np.ndarray | None = None,
     defects: np.ndarray | None = None,
     saturation: bool = True,
+    bias_variance: np.ndarray | None = None,
+    flat_variance: np.ndarray | None = None,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Overscan-correct, trim and assemble a raw detector into electrons.
@@ -276,6 +315,9 @@ def assemble_detector(
         Mask planes ORed into the output mask.
     saturation : bool
         Flag SAT where the raw value reaches the amplifier's saturation level.
+    bias_variance, flat_variance : ndarray, optional
+        Variances of the master bias (e^2) and master flat (unitless), added
+        to the variance plane.
 
     Returns
     -------
@@ -288,7 +330,10 @@ def assemble_detector(
     ``a = raw - o_row``; ``a' = a + sum_k c_k a^(k+2)`` (linearity);
     ``e = g a' - b``; ``var = max(e, 0) + r^2``; then ``e / f`` and
     ``var / f^2``.  Pixels where ``f <= 0`` get NO_DATA|BAD and infinite
-    variance.
+    variance.  The calibrations' own noise is then propagated:
+    ``var += (v_o + v_b) / f^2 + I^2 v_f / f^2`` with ``v_o`` the overscan
+    estimate's variance (:func:`overscan_variance`), ``v_b`` and ``v_f`` the
+    master bias and flat variances and ``I`` the calibrated image.
     """
     ny, nx = det.shape
     rawf = np.ascontiguousarray(raw, dtype=np.float32)
@@ -326,6 +371,16 @@ def assemble_detector(
             bias=bias_, flat=flat_, defects=defects_,
             out_image=out_image, out_variance=out_var, out_mask=out_mask, threads=threads,
         )
+    extra = np.zeros((ny, nx), dtype=np.float32)
+    for amp in det.amps:
+        extra[amp.detsec.slices] = overscan_variance(amp, overscan)
+    if bias is not None and bias_variance is not None:
+        extra += np.asarray(bias_variance, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_f2 = np.float32(1.0) / np.square(flat_)
+        out_var += extra * inv_f2
+        if flat is not None and flat_variance is not None:
+            out_var += np.square(out_image) * np.asarray(flat_variance, dtype=np.float32) * inv_f2
     nodata = (out_mask & masks.NO_DATA) != 0
     if nodata.any():
         out_var[nodata] = np.inf
@@ -339,13 +394,17 @@ def combine_stack(
     cfg: CombineConfig = CombineConfig(),
     *,
     scales: np.ndarray | None = None,
+    read_noise: np.ndarray | float | None = None,
     chunk_rows: int = 256,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sigma-clipped mean of ``stack`` (n, ny, nx), in row chunks.
+    """Sigma-clipped mean of ``stack`` (n, ny, nx, electrons), in row chunks.
 
     ``stack`` may be a memory map: only ``chunk_rows`` rows of every frame are
     read at a time.  ``scales`` divides each frame before combining.
+    ``read_noise`` (electrons, scalar or (ny, nx) map) is required for
+    ``cfg.clip == "noise"``: then a value is clipped when it deviates from the
+    median by more than ``k sqrt(rn^2 + level)``.
 
     Returns
     -------
@@ -355,6 +414,14 @@ def combine_stack(
     n, ny, nx = stack.shape
     if n < cfg.min_frames:
         raise InsufficientData(f"{n} frames to combine, at least {cfg.min_frames} required")
+    maxiters = cfg.maxiters
+    if n < 3:  # two values are clipped together or not at all: no outlier can be told apart
+        log.warning("combining %d frames: too few to reject outliers, taking the plain mean", n)
+        maxiters = 0
+    if cfg.clip == "noise" and read_noise is None:
+        raise ConfigError("combine.clip 'noise' needs the read noise of the frames")
+    rn2 = None if cfg.clip != "noise" else np.broadcast_to(np.square(np.asarray(read_noise, dtype=np.float64)),
+                                                           (ny, nx))
     mean = np.empty((ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.int16)
     std = np.empty((ny, nx), dtype=np.float32)
@@ -362,8 +429,9 @@ def combine_stack(
         sl = slice(y0, min(ny, y0 + chunk_rows))
         chunk = np.ascontiguousarray(stack[:, sl, :], dtype=np.float32)
         m, c, s = clipped_mean(
-            chunk, low=cfg.low_sigma, high=cfg.high_sigma, maxiters=cfg.maxiters,
+            chunk, low=cfg.low_sigma, high=cfg.high_sigma, maxiters=maxiters,
             center="median", scales=scales, threads=threads,
+            noise=None if rn2 is None else (rn2[sl], True),
         )
         mean[sl], count[sl], std[sl] = m, c, s
     return mean, count, std
@@ -725,8 +793,9 @@ def build_master_bias(
     """Master bias per detector: sigma-clipped mean of overscan-corrected biases (electrons).
 
     Writes ``bias_<det>.fits`` with HDUs PRIMARY (provenance, validity),
-    IMAGE (electrons), STD (per-pixel scatter of the inputs), NCOMBINE and
-    DEFECTS (hot pixels/columns, BAD plane).
+    IMAGE (electrons), STD (per-pixel scatter of the inputs), NCOMBINE,
+    DEFECTS (hot pixels/columns, BAD plane) and VARIANCE (model variance of
+    the master: read noise and overscan estimate over the frames kept).
     """
     outdir = Path(outdir)
     written = []
@@ -734,8 +803,13 @@ def build_master_bias(
         log.info("master bias %s detector %s from %d frames", group, det.name, len(paths))
         with disk_stack(len(paths), det.shape, outdir.parent if outdir.parent.exists() else ".") as stack:
             _process_stack(paths, det, instrument, cfg, stack, threads=threads)
-            mean, count, std = combine_stack(stack, cfg.combine, threads=threads)
+            mean, count, std = combine_stack(stack, cfg.combine, read_noise=det.read_noise_map(), threads=threads)
         defects = find_defects(master_bias=mean, cfg=cfg.defects)
+        # model variance of the mean of `count` frames: read noise + overscan estimate
+        per_frame = det.read_noise_map() ** 2
+        for amp in det.amps:
+            per_frame[amp.detsec.slices] += overscan_variance(amp, cfg.overscan)
+        variance = (per_frame / np.maximum(count, 1)).astype(np.float32)
         h = _master_header("bias", det, group, valid, len(paths))
         add_provenance(h, step="master-bias", inputs=paths, params=cfg.as_dict(), config=config)
         h["NDEFECT"] = (int((defects != 0).sum()), "pixels flagged as defects")
@@ -745,8 +819,10 @@ def build_master_bias(
             fits.ImageHDU(std, name="STD"),
             fits.ImageHDU(count, name="NCOMBINE"),
             fits.ImageHDU(defects, name="DEFECTS"),
+            fits.ImageHDU(variance, name="VARIANCE"),
         ])
         hdul["IMAGE"].header["BUNIT"] = "electron"
+        hdul["VARIANCE"].header["BUNIT"] = "electron2"
         written.append((outdir / f"bias_{det.id}.fits", hdul))
     fitsio.write_all(written)
     return [p for p, _ in written]
@@ -779,9 +855,9 @@ def build_master_flat(
     outdir = Path(outdir)
     written = []
     for det in detectors:
-        bias = bias_defects = None
+        bias = bias_defects = bias_var = None
         if bias_dir is not None:
-            bias, bias_defects = read_master(Path(bias_dir) / f"bias_{det.id}.fits", kind="bias", det=det)
+            bias, bias_defects, bias_var = read_master(Path(bias_dir) / f"bias_{det.id}.fits", kind="bias", det=det)
         log.info("master flat %s band %s detector %s from %d frames", group, band, det.name, len(paths))
         with disk_stack(len(paths), det.shape, outdir.parent if outdir.parent.exists() else ".") as stack:
             _process_stack(paths, det, instrument, cfg, stack, bias=bias, threads=threads)
@@ -789,9 +865,20 @@ def build_master_flat(
             if not np.all(scales > 0):
                 bad = [paths[i] for i in np.flatnonzero(~(scales > 0))]
                 raise CorruptInput(f"flat frame(s) with no signal for detector {det.name}: {bad}")
-            mean, count, std = combine_stack(stack, cfg.combine, scales=scales, threads=threads)
+            mean, count, std = combine_stack(stack, cfg.combine, scales=scales, read_noise=det.read_noise_map(),
+                                             threads=threads)
         good = np.isfinite(mean) & (mean > 0)
         flat = _normalise(mean, det, cfg.flat_normalise, good)
+        # model variance of the normalised flat: each frame x_k = e_k / s_k with
+        # var(e_k) = e_k + rn^2 + v_overscan + v_bias, averaged over `count` frames
+        sbar = float(np.median(scales))
+        per_frame = det.read_noise_map() ** 2 + (0.0 if bias_var is None else bias_var)
+        for amp in det.amps:
+            per_frame[amp.detsec.slices] += overscan_variance(amp, cfg.overscan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            norm = np.where(good, flat / mean, 0.0)  # 1 / normalisation, per pixel (detector or amp)
+            variance = ((np.maximum(mean, 0) * sbar + per_frame) / (sbar ** 2 * np.maximum(count, 1))
+                        * np.square(norm)).astype(np.float32)
         defects = find_defects(master_flat=flat, cfg=cfg.defects)
         if bias_defects is not None:
             defects |= bias_defects
@@ -807,6 +894,7 @@ def build_master_flat(
             fits.ImageHDU(std / np.float32(np.mean(mean[good])), name="STD"),
             fits.ImageHDU(count, name="NCOMBINE"),
             fits.ImageHDU(defects, name="DEFECTS"),
+            fits.ImageHDU(variance, name="VARIANCE"),
         ])
         written.append((outdir / f"flat_{det.id}.fits", hdul))
     fitsio.write_all(written)
@@ -814,7 +902,7 @@ def build_master_flat(
 
 
 def read_master(path: str | os.PathLike, *, kind: str, det: Detector, when: str | None = None):
-    """Read a master calibration: (image, defects); check type, detector and validity.
+    """Read a master calibration: (image, defects, variance); check type, detector and validity.
 
     Raises
     ------
@@ -837,7 +925,8 @@ def read_master(path: str | os.PathLike, *, kind: str, det: Detector, when: str 
                 raise MissingCalibration(f"valid {lo}..{hi}, not for {when}", path=path)
         image = hdul["IMAGE"].data.astype(np.float32)
         defects = hdul["DEFECTS"].data.astype(masks.MASK_DTYPE) if "DEFECTS" in hdul else None
-    return image, defects
+        variance = hdul["VARIANCE"].data.astype(np.float32) if "VARIANCE" in hdul else None
+    return image, defects, variance
 
 
 # -- command line --------------------------------------------------------------------

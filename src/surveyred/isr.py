@@ -93,6 +93,8 @@ def run_isr(
     bias: np.ndarray | None = None,
     flat: np.ndarray | None = None,
     defects: np.ndarray | None = None,
+    bias_variance: np.ndarray | None = None,
+    flat_variance: np.ndarray | None = None,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibrate one raw detector.
@@ -111,6 +113,8 @@ def run_isr(
         Master flat, required when ``cfg.do_flat``.
     defects : ndarray, optional
         Defect mask (BAD plane) applied when ``cfg.do_defects``.
+    bias_variance, flat_variance : ndarray, optional
+        The masters' variances, propagated into the variance plane.
 
     Returns
     -------
@@ -135,6 +139,8 @@ def run_isr(
         flat=flat if cfg.do_flat else None,
         defects=defects if cfg.do_defects else None,
         saturation=cfg.do_saturation,
+        bias_variance=bias_variance if cfg.do_bias else None,
+        flat_variance=flat_variance if cfg.do_flat else None,
         threads=threads,
     )
     if cfg.do_cosmic_rays:
@@ -241,13 +247,14 @@ def isr_exposure(
             frames.append((rdet, data, header))
         for rdet, data, header in frames:
             bias = flat = None
+            variances = {}
             defects = np.zeros(rdet.shape, dtype=masks.MASK_DTYPE)
             inputs = [raw_path]
             for kind, directory, on in (("bias", bias_dir, cfg.do_bias), ("flat", flat_dir, cfg.do_flat)):
                 if not on:
                     continue
                 mpath = Path(directory) / f"{kind}_{rdet.id}.fits"
-                img, dfx = read_master(mpath, kind=kind, det=rdet, when=_when(mpath, when, date))
+                img, dfx, variances[kind] = read_master(mpath, kind=kind, det=rdet, when=_when(mpath, when, date))
                 if img.shape != rdet.shape:
                     raise MissingCalibration(f"shape {img.shape} differs from detector {rdet.shape}", path=mpath)
                 if dfx is not None:
@@ -257,7 +264,7 @@ def isr_exposure(
             log.info("ISR %s detector %s", visit, rdet.name)
             image, mask, variance = run_isr(
                 data, rdet, cfg, overscan=calib_cfg.overscan, bias=bias, flat=flat, defects=defects,
-                threads=threads,
+                bias_variance=variances.get("bias"), flat_variance=variances.get("flat"), threads=threads,
             )
             ph = fits.Header()
             ph["VISIT"] = (str(visit), "visit (exposure) id")

@@ -65,8 +65,23 @@ def _sorted_stats(buf, lo, hi):
 
 
 @numba.njit(cache=True, nogil=True)
-def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf):
-    """Clipped mean, count and std of pixel index ``p``; see :func:`clipped_mean`."""
+def _model_sigma(c, v0, poisson, sbar):
+    """Expected sigma of a (scaled) value at level ``c``: sqrt(v0 + max(c*sbar, 0)) / sbar."""
+    v = v0
+    if poisson and c > 0.0:
+        v += c * sbar
+    return np.sqrt(v) / sbar
+
+
+@numba.njit(cache=True, nogil=True)
+def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf, noise):
+    """Clipped mean, count and std of pixel index ``p``; see :func:`clipped_mean`.
+
+    ``noise = (use_model, var0, var0_is_map, poisson, sbar)`` selects clipping
+    against the expected noise instead of the sample scatter.
+    """
+    use_model, var0, var0_is_map, poisson, sbar = noise
+    v0 = var0[p] if var0_is_map else var0[0]
     n = planes.shape[0]
     # gather the finite (scaled) values in frame order, with their sum, min, max
     m = 0
@@ -93,6 +108,11 @@ def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf):
     sigma = np.sqrt(ss / m)
     if maxiters == 0 or vmin == vmax:
         return mean, m, sigma
+    scatter = sigma
+    if use_model:
+        # sigma(c) grows with the centre c >= vmin, so sigma(vmin) is a lower
+        # bound: the proof below stays valid with it.
+        sigma = _model_sigma(vmin, v0, poisson, sbar)
     # Fast path: prove that the first iteration rejects nothing, without the
     # median.  Nothing is rejected iff  vmax - high*sigma <= c <= vmin + low*sigma.
     # For the median c: if fewer than half of the values lie below A, then
@@ -110,9 +130,9 @@ def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf):
             above += buf[k] > b
         half = (m - 1) // 2
         if below <= half and above <= half:
-            return mean, m, sigma
+            return mean, m, scatter
     elif a <= mean <= b:
-        return mean, m, sigma
+        return mean, m, scatter
     # Exact path: sort, then clip by moving the ends of the kept sorted run.
     for i in range(1, m):
         v = buf[i]
@@ -134,6 +154,8 @@ def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf):
                 centre = (buf[mid - 1] + buf[mid]) / 2.0
         else:
             centre = mean
+        if use_model:
+            sigma = _model_sigma(centre, v0, poisson, sbar)
         lower = centre - low * sigma
         upper = centre + high * sigma
         nlo = lo
@@ -154,9 +176,9 @@ def _pixel(planes, p, scales, use_scales, low, high, maxiters, use_median, buf):
 
 @numba.njit(cache=True, nogil=True)
 def _row(planes, y, nx, scales, use_scales, low, high, maxiters, use_median,
-         out_mean, out_count, out_std, buf):
+         out_mean, out_count, out_std, buf, noise):
     for x in range(nx):
-        mean, cnt, std = _pixel(planes, y * nx + x, scales, use_scales, low, high, maxiters, use_median, buf)
+        mean, cnt, std = _pixel(planes, y * nx + x, scales, use_scales, low, high, maxiters, use_median, buf, noise)
         out_mean[y, x] = mean
         out_count[y, x] = cnt
         out_std[y, x] = std
@@ -164,18 +186,20 @@ def _row(planes, y, nx, scales, use_scales, low, high, maxiters, use_median,
 
 @numba.njit(cache=True, nogil=True)
 def _clipped_mean_serial(planes, ny, nx, scales, use_scales, low, high, maxiters, use_median,
-                         out_mean, out_count, out_std):
+                         out_mean, out_count, out_std, noise):
     buf = np.empty(planes.shape[0] + 1, dtype=np.float64)
     for y in range(ny):
-        _row(planes, y, nx, scales, use_scales, low, high, maxiters, use_median, out_mean, out_count, out_std, buf)
+        _row(planes, y, nx, scales, use_scales, low, high, maxiters, use_median, out_mean, out_count, out_std,
+             buf, noise)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _clipped_mean_parallel(planes, ny, nx, scales, use_scales, low, high, maxiters, use_median,
-                           out_mean, out_count, out_std):
+                           out_mean, out_count, out_std, noise):
     for y in numba.prange(ny):
         buf = np.empty(planes.shape[0] + 1, dtype=np.float64)
-        _row(planes, np.int64(y), nx, scales, use_scales, low, high, maxiters, use_median, out_mean, out_count, out_std, buf)
+        _row(planes, np.int64(y), nx, scales, use_scales, low, high, maxiters, use_median, out_mean, out_count,
+             out_std, buf, noise)
 
 
 # -- wrappers ---------------------------------------------------------------------
@@ -203,12 +227,36 @@ def _check_scales(scales, n):
     return s, True
 
 
+_NO_NOISE = (False, np.zeros(1, dtype=np.float64), False, False, 1.0)
+
+
+def _check_noise(noise, shape, scales, use_scales):
+    """Kernel tuple for ``noise=(var0, poisson)`` (see :func:`clipped_mean`)."""
+    if noise is None:
+        return _NO_NOISE
+    try:
+        var0, poisson = noise
+    except (TypeError, ValueError):
+        raise ValueError("noise must be (var0, poisson): read-noise variance and a Poisson flag") from None
+    v = np.asarray(var0, dtype=np.float64)
+    if v.ndim == 0:
+        v, is_map = v.reshape(1), False
+    elif v.shape == tuple(shape):
+        v, is_map = np.ascontiguousarray(v).reshape(-1), True
+    else:
+        raise ValueError(f"noise var0 must be a scalar or of shape {tuple(shape)}, got {v.shape}")
+    if not (np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ValueError("noise var0 must be finite and positive")
+    sbar = float(np.median(np.abs(scales))) if use_scales else 1.0
+    return (True, v, is_map, bool(poisson), sbar)
+
+
 def _kernel(threads):
     n = set_threads(threads)
     return _clipped_mean_parallel if n > 1 else _clipped_mean_serial
 
 
-def clipped_mean(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scales=None, threads=1):
+def clipped_mean(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scales=None, noise=None, threads=1):
     """Sigma-clipped mean of a stack of frames, pixel by pixel.
 
     Parameters
@@ -227,6 +275,13 @@ def clipped_mean(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scale
     scales : array_like, shape (n,), optional
         Each frame is divided by its scale before combining (flats); the
         stack is not copied for this.  Finite and non-zero.
+    noise : (var0, poisson), optional
+        Clip against the *expected* noise rather than the scatter of the
+        values (IRAF imcombine's ``ccdclip``): ``var0`` is the read-noise
+        variance of one frame in the stack's units (scalar or an (ny, nx)
+        map), ``poisson`` adds the Poisson variance of the level (stack in
+        electrons).  Robust with few frames, where one cosmic ray inflates
+        the sample scatter so much that it is never rejected.
     threads : int
         Numba threads (rows are split between threads).
 
@@ -254,7 +309,9 @@ def clipped_mean(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scale
         \\text{ or } x > c + \\mathrm{high}\\,\\sigma
 
     over the kept values, stopping when nothing is rejected.  Rejected values
-    stay rejected.  The outputs are the mean, number and population standard
+    stay rejected.  With ``noise``, :math:`\sigma = \sqrt{v_0 + \max(c\,\bar s, 0)}/\bar s`
+    (the Poisson term only when requested) with :math:`\bar s` the median
+    scale (1 without scales).  The outputs are the mean, number and population standard
     deviation of the values kept, computed in float64 and rounded to float32.
     Results do not depend on ``threads`` (bit-identical).
     """
@@ -270,12 +327,13 @@ def clipped_mean(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scale
     data = np.ascontiguousarray(arr, dtype=np.float32)
     s, use_scales = _check_scales(scales, n)
     ny, nx = data.shape[1:]
+    model = _check_noise(noise, (ny, nx), s, use_scales)
     mean = np.empty((ny, nx), dtype=np.float32)
     count = np.empty((ny, nx), dtype=np.int16)
     std = np.empty((ny, nx), dtype=np.float32)
     if data.size:
         planes = data.reshape(n, ny * nx)
-        _kernel(threads)(planes, ny, nx, s, use_scales, low, high, maxiters, use_median, mean, count, std)
+        _kernel(threads)(planes, ny, nx, s, use_scales, low, high, maxiters, use_median, mean, count, std, model)
     return mean, count, std
 
 
@@ -423,7 +481,7 @@ def combine_files_chunked(
                 del data
             if width:
                 kernel(planes, rows, width, s, use_scales, low, high, maxiters, use_median,
-                       out_mean[y0:y1], out_count[y0:y1], out_std[y0:y1])
+                       out_mean[y0:y1], out_count[y0:y1], out_std[y0:y1], _NO_NOISE)
         if out_mean is None:  # zero-row images
             width = nx_in if width is None else width
             out_mean = np.empty((ny, width), dtype=np.float32)
@@ -437,15 +495,17 @@ def combine_files_chunked(
 
 # -- reference ----------------------------------------------------------------------
 
-def clipped_mean_ref(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scales=None):
+def clipped_mean_ref(stack, *, low=3.0, high=3.0, maxiters=5, center="median", scales=None, noise=None):
     """NumPy reference of :func:`clipped_mean` (vectorised, same arguments, no threads)."""
     low, high, maxiters, use_median = _check_options(low, high, maxiters, center)
     data = np.array(stack, dtype=np.float32).astype(np.float64)
     if data.ndim != 3 or data.shape[0] < 1:
         raise ValueError(f"stack must be 3-D (n, ny, nx) with n >= 1, got shape {data.shape}")
     n = data.shape[0]
+    s, use_scales = _check_scales(scales, n)
+    use_model, var0, is_map, poisson, sbar = _check_noise(noise, data.shape[1:], s, use_scales)
+    var0 = var0.reshape(data.shape[1:]) if is_map else var0[0]
     if scales is not None:
-        s, _ = _check_scales(scales, n)
         data = data / s[:, None, None]
     data[~np.isfinite(data)] = np.nan
     keep = np.isfinite(data)
@@ -455,6 +515,9 @@ def clipped_mean_ref(stack, *, low=3.0, high=3.0, maxiters=5, center="median", s
             kept = np.where(keep, data, np.nan)
             centre = np.nanmedian(kept, axis=0) if use_median else np.nanmean(kept, axis=0)
             sigma = np.nanstd(kept, axis=0)
+            if use_model:
+                level = np.maximum(centre * sbar, 0.0) if poisson else 0.0
+                sigma = np.sqrt(var0 + level) / sbar
             new = keep & ~(data < centre - low * sigma) & ~(data > centre + high * sigma)
             if np.array_equal(new, keep):
                 break

@@ -13,6 +13,7 @@ import contextlib
 import os
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +24,10 @@ from astropy.io.fits.verify import VerifyWarning
 
 from . import masks
 from .errors import CorruptInput
+
+
+#: What reading a damaged file can raise (zlib.error and EOFError from truncated .gz streams).
+_READ_ERRORS = (OSError, ValueError, TypeError, EOFError, zlib.error, AstropyUserWarning)
 
 
 @contextlib.contextmanager
@@ -97,12 +102,13 @@ def open_fits(path: str | os.PathLike) -> fits.HDUList:
             warnings.simplefilter("error", AstropyUserWarning)
             warnings.simplefilter("ignore", VerifyWarning)
             hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
-    except (OSError, ValueError, TypeError, AstropyUserWarning) as exc:
+    except _READ_ERRORS as exc:
         raise CorruptInput(f"not a readable FITS file ({_cause(exc)})", path=path) from exc
     size = path.stat().st_size
     for i, hdu in enumerate(hdul):
         end = hdu._data_offset + hdu._data_size  # noqa: SLF001 - astropy exposes no public end offset
-        if end > size and not str(path).endswith((".gz", ".fz", ".bz2")):
+        # compressed streams (.gz, .bz2) have no on-disk offsets; tile-compressed .fz files do
+        if end > size and not str(path).endswith((".gz", ".bz2")):
             hdul.close()
             raise CorruptInput(
                 f"truncated: HDU {i} needs {end} bytes, file has {size}", path=path
@@ -120,7 +126,7 @@ def read_image(hdul: fits.HDUList, hdu: int | str, path: str | os.PathLike) -> t
         with warnings.catch_warnings():
             warnings.simplefilter("error", AstropyUserWarning)
             data = ext.data
-    except (OSError, ValueError, TypeError, AstropyUserWarning) as exc:
+    except _READ_ERRORS as exc:
         raise CorruptInput(f"HDU {hdu!r} data unreadable ({_cause(exc)})", path=path) from exc
     if data is None or data.ndim != 2:
         raise CorruptInput(f"HDU {hdu!r} holds no 2-D image", path=path)
@@ -165,7 +171,6 @@ def read_exposure(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.n
 
 # -- header-only reading (ingest) ------------------------------------------------------
 
-import zlib  # noqa: E402 - kept with the code that needs it
 
 _STREAM_COMPRESSED = (".gz", ".bz2")
 

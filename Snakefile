@@ -1,0 +1,27 @@
+# surveyred: raw mosaic CCD exposures -> inventory -> master calibrations -> ISR.
+# Thin on purpose: configuration, validation, the rule files and the target.
+# Pixel rules run one job per exposure (or calibration group) and write one file
+# per detector; see README.md ("Why one job per exposure").
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/ingest.smk"
+include: "rules/calib.smk"
+include: "rules/isr.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets,
+    localrule: True

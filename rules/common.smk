@@ -1,0 +1,258 @@
+# Everything that is not a rule: configuration-derived constants, wildcard
+# constraints, the (cached) inventory and calibration plan, path helpers and
+# the input functions of the rules in rules/*.smk.
+
+import functools
+import json
+import os
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+
+from surveyred.calib import plan_calibrations
+from surveyred.errors import SurveyredError
+from surveyred.ingest import find_raw_files
+from surveyred.instrument import load_instrument
+
+# -- configuration -------------------------------------------------------------------
+
+RESULTS = config["results_dir"]
+RAW_DIR = config["raw_dir"]
+INSTRUMENT_ARG = config["instrument"]  # passed to every command as given
+
+try:
+    INSTRUMENT = load_instrument(INSTRUMENT_ARG)
+except SurveyredError as exc:
+    raise WorkflowError(f"config 'instrument': {exc}") from exc
+
+if config["detectors"] is None:
+    DETECTORS = [det.id for det in INSTRUMENT.good_detectors]
+else:
+    DETECTORS = [int(d) for d in config["detectors"]]
+    _unknown = sorted(set(DETECTORS) - {det.id for det in INSTRUMENT.detectors})
+    if _unknown:
+        raise WorkflowError(
+            f"config 'detectors': {_unknown} are not detectors of instrument {INSTRUMENT.name}"
+        )
+if not DETECTORS:
+    raise WorkflowError(f"instrument {INSTRUMENT.name}: no detectors to process")
+DETECTOR_LIST = ",".join(str(d) for d in DETECTORS)
+
+CALIB_CONFIG_JSON = json.dumps(config["calib"], sort_keys=True)
+ISR_CONFIG_JSON = json.dumps(
+    {"isr": config["isr"], "calib": config["calib"]}, sort_keys=True
+)
+
+# The conda environment (envs/surveyred.yaml) installs this checkout of surveyred
+# in its post-deploy script, which finds it through this variable.
+os.environ.setdefault("SURVEYRED_SRC", str(workflow.basedir))
+
+
+# -- wildcards -------------------------------------------------------------------------
+
+
+wildcard_constraints:
+    night=r"\d{8}",
+    visit=r"[A-Za-z0-9_.-]+",
+    bgroup=r"[A-Za-z0-9_-]+",
+    fgroup=r"[A-Za-z0-9_-]+",
+    band=r"[A-Za-z0-9_-]+",
+
+
+# -- paths -----------------------------------------------------------------------------
+
+INVENTORY = os.path.join(RESULTS, "inventory.parquet")
+REJECTS = os.path.join(RESULTS, "inventory_rejects.parquet")
+BIAS_MASTER = os.path.join(RESULTS, "calib", "bias", "{bgroup}", "bias_{det}.fits")
+FLAT_MASTER = os.path.join(
+    RESULTS, "calib", "flat", "{fgroup}", "{band}", "flat_{det}.fits"
+)
+CALEXP = os.path.join(RESULTS, "calexp", "{night}", "{visit}_{det}.fits")
+LOGS = os.path.join(RESULTS, "logs")
+BENCHMARKS = os.path.join(RESULTS, "benchmarks")
+
+
+def bias_dir(group):
+    """Directory of the master biases of a validity group."""
+    return os.path.dirname(BIAS_MASTER.format(bgroup=group, det=0))
+
+
+def flat_dir(group, band):
+    """Directory of the master flats of a validity group and band."""
+    return os.path.dirname(FLAT_MASTER.format(fgroup=group, band=band, det=0))
+
+
+def bias_masters(group):
+    return expand(BIAS_MASTER, bgroup=group, det=DETECTORS)
+
+
+def flat_masters(group, band):
+    return expand(FLAT_MASTER, fgroup=group, band=band, det=DETECTORS)
+
+
+def calexps(night, visit):
+    return expand(CALEXP, night=night, visit=visit, det=DETECTORS)
+
+
+def output_dir(wildcards, output):
+    """The directory of a rule's (per-detector) outputs, for --outdir."""
+    return os.path.dirname(output[0])
+
+
+# -- raw files, inventory and calibration plan -------------------------------------
+
+# The raw frames are the inputs of the ingest checkpoint: adding or removing a
+# file changes that set, and Snakemake's "input" rerun trigger re-runs ingest.
+# Listing the directory costs well under a second even for 10^5 files. Paths
+# with braces would be read as wildcards: ingest rejects them, so they are left
+# out here.
+RAW_FILES = [p for p in find_raw_files(RAW_DIR) if "{" not in p and "}" not in p]
+
+
+def raw_files(wildcards):
+    """Input function (returned paths are not parsed for wildcards)."""
+    return RAW_FILES
+
+
+@functools.lru_cache(maxsize=4)
+def _read_inventory(path, mtime_ns, size):
+    return pd.read_parquet(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _calib_plan(path, mtime_ns, size, validity_json):
+    inventory = _read_inventory(path, mtime_ns, size)
+    plan = plan_calibrations(inventory, json.loads(validity_json))
+    science = {
+        (str(row.night), str(row.visit)): row
+        for row in plan.science.itertuples(index=False)
+    }
+    return plan, science
+
+
+def _inventory_key():
+    # Through the checkpoint: until ingest has run (or while it must re-run)
+    # this raises and Snakemake re-evaluates the DAG after ingest.  Pixel rules
+    # therefore never list the inventory as an input: re-ingesting does not
+    # re-run them, only new or changed exposures get jobs.
+    path = checkpoints.ingest.get().output.inventory
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size
+
+
+def inventory():
+    """The inventory (pandas.DataFrame), read once per version of the file."""
+    return _read_inventory(*_inventory_key())
+
+
+def calib_plan():
+    """``(CalibPlan, {(night, visit): science row})`` for the current inventory."""
+    validity = json.dumps(config["calib"]["validity"], sort_keys=True)
+    return _calib_plan(*_inventory_key(), validity)
+
+
+def science_row(wildcards):
+    _, science = calib_plan()
+    try:
+        return science[(wildcards.night, wildcards.visit)]
+    except KeyError:
+        raise WorkflowError(
+            f"visit {wildcards.visit} of night {wildcards.night} is not a science "
+            f"exposure in {INVENTORY}"
+        ) from None
+
+
+# -- input functions and parameters ----------------------------------------------
+
+
+def master_bias_raw(wildcards):
+    plan, _ = calib_plan()
+    try:
+        return plan.bias_groups[wildcards.bgroup]
+    except KeyError:
+        raise WorkflowError(
+            f"no bias group {wildcards.bgroup!r} in the calibration plan "
+            f"(groups: {', '.join(plan.bias_groups) or 'none'})"
+        ) from None
+
+
+def _flat_key(wildcards):
+    plan, _ = calib_plan()
+    key = (wildcards.fgroup, wildcards.band)
+    if key not in plan.flat_groups:
+        known = ", ".join(f"{g}/{b}" for g, b in plan.flat_groups) or "none"
+        raise WorkflowError(
+            f"no flat group {wildcards.fgroup}/{wildcards.band} in the calibration "
+            f"plan (groups: {known})"
+        )
+    return plan, key
+
+
+def master_flat_inputs(wildcards):
+    plan, key = _flat_key(wildcards)
+    group = plan.flat_bias.get(key)
+    return {
+        "raw": plan.flat_groups[key],
+        "bias": bias_masters(group) if group is not None else [],
+    }
+
+
+def master_flat_bias_dir(wildcards):
+    plan, key = _flat_key(wildcards)
+    group = plan.flat_bias.get(key)
+    return bias_dir(group) if group is not None else "none"
+
+
+def isr_inputs(wildcards):
+    row = science_row(wildcards)
+    return {
+        "raw": row.path,
+        "bias": bias_masters(row.bias_group) if _given(row.bias_group) else [],
+        "flat": (
+            flat_masters(row.flat_group, row.band) if _given(row.flat_group) else []
+        ),
+    }
+
+
+def isr_band(wildcards):
+    return science_row(wildcards).band
+
+
+def isr_bias_dir(wildcards):
+    row = science_row(wildcards)
+    return bias_dir(row.bias_group) if _given(row.bias_group) else "none"
+
+
+def isr_flat_dir(wildcards):
+    row = science_row(wildcards)
+    return flat_dir(row.flat_group, row.band) if _given(row.flat_group) else "none"
+
+
+def _given(value):
+    return value is not None and not (isinstance(value, float) and pd.isna(value))
+
+
+def all_targets(wildcards):
+    """Every master calibration and every science exposure's calexps."""
+    plan, science = calib_plan()
+    targets = [INVENTORY, REJECTS]
+    for group in sorted(plan.bias_groups):
+        targets += bias_masters(group)
+    for group, band in sorted(plan.flat_groups):
+        targets += flat_masters(group, band)
+    for night, visit in sorted(science):
+        targets += calexps(night, visit)
+    return targets
+
+
+# -- resources ---------------------------------------------------------------------
+# Sized for the SimCam demo (4 detectors of 528x560); scaled by the attempt so that
+# a job killed for memory or time gets more on its retry (--retries N).
+
+
+def mem_mb(base):
+    return lambda wildcards, attempt: base * attempt
+
+
+def runtime_min(base):
+    return lambda wildcards, attempt: base * attempt

@@ -1,0 +1,209 @@
+"""Drive the Snakemake workflow end to end on a tiny simulated survey.
+
+Every run happens in a temporary working directory (``snakemake --directory``)
+with the repository's Snakefile, so the checkout is not touched (except the
+``.snakemake/`` bookkeeping of the dry run from the repository root, which git
+ignores).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from astropy.io import fits
+
+pytestmark = pytest.mark.workflow
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEFILE = REPO / "Snakefile"
+RUN_TIMEOUT = 1500  # s, a full run of the tiny survey
+SHORT_TIMEOUT = 300  # s, dry runs and lint
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the rules call the `surveyred` command installed beside this interpreter
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def snakemake(*args: str, cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run ``python -m snakemake ARGS`` in ``cwd``; output captured as text."""
+    cmd = [sys.executable, "-m", "snakemake", *args]
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{exc.stdout}\n{exc.stderr}")
+
+
+def workflow(*args: str, workdir: Path, configfile: Path, timeout: float = RUN_TIMEOUT):
+    return snakemake("-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(configfile),
+                     *args, cwd=workdir, timeout=timeout)
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the "Job stats" table of a (dry) run."""
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    jobs: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        if line.strip() == "Job stats:":
+            for row in lines[i + 3:]:
+                parts = row.split()
+                if len(parts) != 2 or parts[0] == "total":
+                    break
+                jobs[parts[0]] = int(parts[1])
+            break
+    return jobs
+
+
+def _show(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_survey, tmp_path_factory):
+    """The workflow run to completion (``--cores 2``) on a copy of the tiny survey."""
+    base = tmp_path_factory.mktemp("workflow")
+    raw = base / "raw"
+    shutil.copytree(tiny_survey / "raw", raw)
+    workdir = base / "work"
+    workdir.mkdir()
+    configfile = base / "config.yaml"
+    configfile.write_text(yaml.safe_dump({"raw_dir": str(raw), "results_dir": "results"}))
+    proc = workflow("--cores", "2", workdir=workdir, configfile=configfile)
+    assert proc.returncode == 0, _show(proc)
+    return {"raw": raw, "workdir": workdir, "results": workdir / "results", "configfile": configfile}
+
+
+def _science(results: Path) -> pd.DataFrame:
+    inv = pd.read_parquet(results / "inventory.parquet")
+    return inv[inv.obstype == "science"]
+
+
+def test_run_produces_calexps_with_provenance(tiny_run):
+    results = tiny_run["results"]
+    sci = _science(results)
+    assert not sci.empty, "the tiny survey has no science exposures"
+    assert pd.read_parquet(results / "inventory_rejects.parquet").empty
+    for row in sci.itertuples():
+        path = results / "calexp" / row.night / f"{row.visit}_{row.detector}.fits"
+        assert path.exists(), f"missing {path}"
+        with fits.open(path) as hdul:
+            names = [h.name for h in hdul]
+            for ext in ("IMAGE", "MASK", "VARIANCE"):
+                assert ext in names, f"{path} lacks {ext}: {names}"
+            assert hdul["IMAGE"].data.shape == hdul["MASK"].data.shape == hdul["VARIANCE"].data.shape
+            cards = {**hdul[0].header, **hdul["IMAGE"].header}
+            assert "SRVERSN" in cards and "SRSTEP" in cards, f"{path} has no provenance cards"
+            assert cards["SRSTEP"] == "isr", f"{path}: SRSTEP={cards['SRSTEP']!r}"
+    # masters exist for at least one group, with one file per detector
+    dets = sorted(pd.read_parquet(results / "inventory.parquet").detector.unique())
+    bias_groups = [p for p in (results / "calib" / "bias").iterdir() if p.is_dir()]
+    assert bias_groups
+    for group in bias_groups:
+        assert sorted(int(p.stem.split("_")[1]) for p in group.glob("bias_*.fits")) == dets
+    # logs and benchmarks where the README says
+    assert (results / "logs" / "ingest.log").exists()
+    assert any((results / "logs" / "isr").rglob("*.log"))
+    assert any((results / "benchmarks" / "isr").rglob("*.tsv"))
+
+
+def test_second_dry_run_has_nothing_to_do(tiny_run):
+    proc = workflow("-n", workdir=tiny_run["workdir"], configfile=tiny_run["configfile"], timeout=SHORT_TIMEOUT)
+    assert proc.returncode == 0, _show(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, _show(proc)
+
+
+def test_bad_raw_files_are_rejected_and_reingest_reruns_nothing_else(tiny_run):
+    raw, workdir, results = tiny_run["raw"], tiny_run["workdir"], tiny_run["results"]
+    sci_files = sorted(_science(results).path.unique())
+    calexps = sorted((results / "calexp").rglob("*.fits"))
+    before = {p: p.stat().st_mtime_ns for p in calexps}
+
+    # an unknown filter on an otherwise good science frame (with a fresh visit id) ...
+    src = Path(sci_files[0]) if os.path.isabs(sci_files[0]) else workdir / sci_files[0]
+    bad_dir = raw / "bad"
+    bad_dir.mkdir()
+    with fits.open(src) as hdul:
+        hdul[0].header["FILTER"] = "NOT-A-FILTER"
+        hdul[0].header["EXPNUM"] = 987654321
+        hdul.writeto(bad_dir / "unknown_filter.fits")
+    # ... and a copy cut short in the middle of its pixel data
+    data = src.read_bytes()
+    (bad_dir / "truncated.fits").write_bytes(data[: len(data) * 2 // 3])
+
+    # new raw files change the checkpoint's input set: only ingest (and the target) re-run
+    dry = workflow("-n", workdir=workdir, configfile=tiny_run["configfile"], timeout=SHORT_TIMEOUT)
+    assert dry.returncode == 0, _show(dry)
+    assert planned_jobs(dry) == {"ingest": 1, "all": 1}, _show(dry)
+
+    proc = workflow("--cores", "2", "--keep-going", workdir=workdir, configfile=tiny_run["configfile"])
+    assert proc.returncode == 0, _show(proc)
+
+    rejects = pd.read_parquet(results / "inventory_rejects.parquet")
+    got = {Path(p).name: (c, m) for p, c, m in zip(rejects.path, rejects.failure_class, rejects.message)}
+    assert set(got) == {"unknown_filter.fits", "truncated.fits"}, got
+    assert got["unknown_filter.fits"][0] == "UnknownFilter" and "NOT-A-FILTER" in got["unknown_filter.fits"][1]
+    assert got["truncated.fits"][0] == "CorruptInput" and "truncated.fits" in got["truncated.fits"][1]
+    # the existing calexps were not re-made
+    assert {p: p.stat().st_mtime_ns for p in calexps} == before
+
+
+def test_missing_calibration_still_builds_the_dag(tiny_survey, tmp_path):
+    """Science frames without a valid flat still get ISR jobs, told ``--flat-dir none``."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_survey / "raw", raw)
+    removed = 0
+    for path in sorted(raw.rglob("*.fits")):
+        header = fits.getheader(path)
+        if str(header.get("OBSTYPE", "")).strip().lower().endswith("flat") and header.get("FILTER") == "SIM-R":
+            path.unlink()
+            removed += 1
+    assert removed, "the tiny survey has no r-band flats to remove"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump({"raw_dir": str(raw)}))
+
+    ingest = workflow("--cores", "1", "results/inventory.parquet", workdir=workdir, configfile=configfile,
+                      timeout=SHORT_TIMEOUT)
+    assert ingest.returncode == 0, _show(ingest)
+    sci = _science(workdir / "results").drop_duplicates("visit")
+    n_r = int((sci.band == "r").sum())
+    assert n_r and n_r < len(sci)
+
+    dry = workflow("-n", "-p", workdir=workdir, configfile=configfile, timeout=SHORT_TIMEOUT)
+    assert dry.returncode == 0, _show(dry)
+    jobs = planned_jobs(dry)
+    assert jobs.get("isr") == len(sci), _show(dry)
+    assert jobs.get("master_flat") == sci.night.nunique(), _show(dry)  # g only
+    text = dry.stdout + dry.stderr
+    assert text.count("--flat-dir none") == n_r, _show(dry)
+
+
+def test_dry_run_from_repository_root():
+    proc = snakemake("-n", cwd=REPO, timeout=SHORT_TIMEOUT)
+    assert proc.returncode == 0, _show(proc)
+    assert "ingest" in proc.stdout or "Nothing to be done" in proc.stdout + proc.stderr, _show(proc)
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", cwd=REPO, timeout=SHORT_TIMEOUT)
+    assert proc.returncode == 0, _show(proc)
+    assert "Lints for" not in proc.stdout + proc.stderr, _show(proc)
+
+
+def test_snakefmt_is_clean():
+    exe = shutil.which("snakefmt") or shutil.which("snakefmt", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("snakefmt is not installed (pip install -e '.[test]')")
+    proc = subprocess.run([exe, "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True,
+                          timeout=SHORT_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

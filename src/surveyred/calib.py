@@ -400,8 +400,8 @@ def combine_stack(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sigma-clipped mean of ``stack`` (n, ny, nx, electrons), in row chunks.
 
-    ``stack`` may be a memory map: only ``chunk_rows`` rows of every frame are
-    read at a time.  ``scales`` divides each frame before combining.
+    ``stack`` may be a :class:`DiskStack`: only ``chunk_rows`` rows of every
+    frame are read at a time.  ``scales`` divides each frame before combining.
     ``read_noise`` (electrons, scalar or (ny, nx) map) is required for
     ``cfg.clip == "noise"``: then a value is clipped when it deviates from the
     median by more than ``k sqrt(rn^2 + level)``.
@@ -427,7 +427,8 @@ def combine_stack(
     std = np.empty((ny, nx), dtype=np.float32)
     for y0 in range(0, ny, chunk_rows):
         sl = slice(y0, min(ny, y0 + chunk_rows))
-        chunk = np.ascontiguousarray(stack[:, sl, :], dtype=np.float32)
+        chunk = stack.rows(sl) if isinstance(stack, DiskStack) else np.ascontiguousarray(stack[:, sl, :],
+                                                                                           dtype=np.float32)
         m, c, s = clipped_mean(
             chunk, low=cfg.low_sigma, high=cfg.high_sigma, maxiters=maxiters,
             center="median", scales=scales, threads=threads,
@@ -437,17 +438,52 @@ def combine_stack(
     return mean, count, std
 
 
+class DiskStack:
+    """A float32 stack of ``n`` frames kept in a file, read back in row chunks.
+
+    Frames are written whole (:meth:`__setitem__`) and read as ``(n, rows, nx)``
+    blocks with positional reads (:meth:`rows`), never memory-mapped: pages of
+    a memory map stay resident while it is open, so a mapped stack would end up
+    counting whole against the job's memory.  Peak memory is one frame plus
+    one block.
+    """
+
+    def __init__(self, n: int, shape: tuple[int, int], directory: str | os.PathLike):
+        self.shape = (n, *shape)
+        self._frame_bytes = shape[0] * shape[1] * 4
+        fd, self._path = tempfile.mkstemp(prefix=".stack-", suffix=".f32", dir=directory)
+        self._fd = fd
+
+    def __setitem__(self, i: int, frame: np.ndarray) -> None:
+        data = np.ascontiguousarray(frame, dtype=np.float32)
+        if data.shape != self.shape[1:]:
+            raise ValueError(f"frame shape {data.shape} differs from stack frame shape {self.shape[1:]}")
+        os.pwrite(self._fd, data.tobytes(), i * self._frame_bytes)
+
+    def rows(self, sl: slice) -> np.ndarray:
+        n, ny, nx = self.shape
+        out = np.empty((n, sl.stop - sl.start, nx), dtype=np.float32)
+        nbytes = out[0].nbytes
+        for k in range(n):
+            buf = os.pread(self._fd, nbytes, k * self._frame_bytes + sl.start * nx * 4)
+            out[k] = np.frombuffer(buf, dtype=np.float32).reshape(out[k].shape)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path)
+
+
 @contextlib.contextmanager
 def disk_stack(n: int, shape: tuple[int, int], directory: str | os.PathLike):
-    """A temporary float32 (n, ny, nx) memory map under ``directory``, removed afterwards."""
-    tmpdir = tempfile.mkdtemp(prefix=".stack-", dir=directory)
+    """A temporary :class:`DiskStack` under ``directory``, removed afterwards."""
+    stack = DiskStack(n, shape, directory)
     try:
-        path = os.path.join(tmpdir, "stack.npy")
-        arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *shape))
-        yield arr
-        del arr
+        yield stack
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        stack.close()
 
 
 # -- defects -------------------------------------------------------------------------
@@ -772,10 +808,14 @@ def _master_header(kind: str, det: Detector, group: str, valid: tuple[str, str],
 
 def _process_stack(
     paths: Sequence[str], det: Detector, instrument: Instrument, cfg: CalibConfig, stack: np.ndarray,
-    *, bias: np.ndarray | None = None, threads: int = 1,
+    *, bias: np.ndarray | None = None, threads: int = 1, medians: list[float] | None = None,
 ) -> list[fits.Header]:
-    """Assemble every raw frame of ``det`` into ``stack`` (electrons); return their headers."""
+    """Assemble every raw frame of ``det`` into ``stack`` (electrons); return their headers.
+
+    The median of each assembled frame is appended to ``medians`` when given.
+    """
     headers = []
+    medians = [] if medians is None else medians
     for i, path in enumerate(paths):
         with fitsio.open_fits(path) as hdul:
             raw, rdet, header = _read_detector(hdul, det, path)
@@ -783,6 +823,7 @@ def _process_stack(
                                             threads=threads)
             headers.append(hdul[0].header.copy())
         stack[i] = image
+        medians.append(float(np.median(image)))
     return headers
 
 
@@ -860,8 +901,9 @@ def build_master_flat(
             bias, bias_defects, bias_var = read_master(Path(bias_dir) / f"bias_{det.id}.fits", kind="bias", det=det)
         log.info("master flat %s band %s detector %s from %d frames", group, band, det.name, len(paths))
         with disk_stack(len(paths), det.shape, outdir.parent if outdir.parent.exists() else ".") as stack:
-            _process_stack(paths, det, instrument, cfg, stack, bias=bias, threads=threads)
-            scales = np.array([np.median(stack[i]) for i in range(len(paths))], dtype=np.float64)
+            frame_medians: list[float] = []
+            _process_stack(paths, det, instrument, cfg, stack, bias=bias, threads=threads, medians=frame_medians)
+            scales = np.array(frame_medians, dtype=np.float64)
             if not np.all(scales > 0):
                 bad = [paths[i] for i in np.flatnonzero(~(scales > 0))]
                 raise CorruptInput(f"flat frame(s) with no signal for detector {det.name}: {bad}")

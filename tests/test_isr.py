@@ -158,3 +158,17 @@ def test_missing_or_expired_master_is_missing_calibration(masters, tmp_path, cap
     err = capfd.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("MissingCalibration: ") and "not for 20250310" in err
     assert not (tmp_path / "o2").exists() or os.listdir(tmp_path / "o2") == []
+
+
+def test_provenance_command_prints_what_made_a_calexp(masters, tmp_path, capsys):
+    root, _ = masters
+    raw = write_raw(tmp_path / "sci.fits", np.random.default_rng(16))
+    assert _isr_cli(raw, tmp_path / "out", root) == 0
+    capsys.readouterr()
+    assert cli.main(["provenance", "--json", str(tmp_path / "out" / "v7_2.fits")]) == 0
+    rec = json.loads(capsys.readouterr().out)[str(tmp_path / "out" / "v7_2.fits")]
+    assert rec["SRSTEP"] == "isr" and rec["inputs"] == ["sci.fits", "bias_2.fits", "flat_2.fits"]
+    assert rec["params"]["isr"]["do_cosmic_rays"] is True and len(rec["SRCFGHSH"]) == 16
+    # a file without provenance is a one-line error
+    assert cli.main(["provenance", str(raw)]) == 2
+    assert "records no surveyred provenance" in capsys.readouterr().err

@@ -88,3 +88,67 @@ def read_provenance(header) -> dict[str, Any]:
         except ValueError:
             out["params"] = header["SRPARAMS"]
     return out
+
+
+def provenance_of(path: str | os.PathLike) -> dict[str, Any]:
+    """Provenance recorded in a product: FITS primary header or Parquet metadata.
+
+    Raises
+    ------
+    CorruptInput
+        If the file cannot be read or records no provenance.
+    """
+    from .errors import CorruptInput
+
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, ValueError) as exc:
+            raise CorruptInput(f"not a readable Parquet file ({exc})", path=path) from exc
+        out = {k.decode(): v.decode() for k, v in meta.items() if not k.startswith(b"ARROW") and k != b"pandas"}
+    else:
+        from .fitsio import open_fits
+
+        with open_fits(path) as hdul:
+            out = read_provenance(hdul[0].header)
+            if "SRVERSN" not in out:
+                out = {}
+    if not out:
+        raise CorruptInput("records no surveyred provenance", path=path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``surveyred provenance FILE...``: print what made each product."""
+    import argparse
+
+    from .runtime import run, setup_logging
+
+    p = argparse.ArgumentParser(prog="surveyred provenance",
+                                description="Print the provenance recorded in surveyred products.")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    setup_logging(None, level=30)
+
+    def body():
+        records = {str(f): provenance_of(f) for f in args.files}
+        if args.json:
+            print(json.dumps(records, indent=2, sort_keys=True, default=str))
+            return
+        for f, rec in records.items():
+            print(f)
+            for key, value in rec.items():
+                if key == "inputs":
+                    print(f"  inputs ({len(value)}):")
+                    for name in value:
+                        print(f"    {name}")
+                elif key == "params":
+                    print(f"  params: {json.dumps(value, sort_keys=True)}")
+                else:
+                    print(f"  {key}: {value}")
+
+    return run(body, what="provenance")

@@ -18,5 +18,10 @@ from .combine import clipped_mean, combine_files_chunked
 from .cosmic import find_cosmic_rays
 from .isr import isr_amp
 from .overscan import row_statistic
+from .stack import stack_band
+from .warp import lanczos_warp
 
-__all__ = ["clipped_mean", "combine_files_chunked", "find_cosmic_rays", "isr_amp", "row_statistic"]
+__all__ = [
+    "clipped_mean", "combine_files_chunked", "find_cosmic_rays", "isr_amp", "lanczos_warp", "row_statistic",
+    "stack_band",
+]

@@ -18,10 +18,14 @@ include: "rules/common.smk"
 include: "rules/ingest.smk"
 include: "rules/calib.smk"
 include: "rules/isr.smk"
+include: "rules/characterize.smk"
+include: "rules/calibrate.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets,
+        characterize_targets,
+        calibrate_targets,
     localrule: True

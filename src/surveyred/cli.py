@@ -19,6 +19,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "master-bias": ("surveyred.calib", "main_bias", "build master biases for one validity group"),
     "master-flat": ("surveyred.calib", "main_flat", "build master flats for one validity group and band"),
     "isr": ("surveyred.isr", "main", "instrument signature removal of one exposure's detectors"),
+    "provenance": ("surveyred.provenance", "main", "print the provenance recorded in products"),
+    "characterize": ("surveyred.characterize", "main", "background, detection, PSF and measurement of one visit"),
+    "refcat": ("surveyred.refcat", "main", "reference-catalog store: fetch (Gaia/PS1/SDSS) or ingest a table"),
+    "calibrate": ("surveyred.calibrate", "main", "astrometric and photometric calibration of one visit's sources"),
+    "jointcal": ("surveyred.jointcal", "main", "joint astrometry of all exposures of one field and band"),
 }
 
 

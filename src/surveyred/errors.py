@@ -71,6 +71,22 @@ class TooFewStars(SurveyredError):
     """Too few usable stars for a PSF model or a fit."""
 
 
+class NoSources(SurveyredError):
+    """Detection found no source on a frame (or extraction could not run)."""
+
+
+class NoReferenceMatch(SurveyredError):
+    """No reference stars in the field, or no pattern matches detections to them."""
+
+
+class TooFewMatches(SurveyredError):
+    """Too few detections matched to reference stars for the requested fit."""
+
+
+class PoorAstrometricFit(SurveyredError):
+    """The astrometric fit converged but its scatter exceeds the configured limit."""
+
+
 FAILURE_CLASSES = (
     "ConfigError",
     "InstrumentError",
@@ -82,4 +98,8 @@ FAILURE_CLASSES = (
     "MissingCalibration",
     "InsufficientData",
     "TooFewStars",
+    "NoSources",
+    "NoReferenceMatch",
+    "TooFewMatches",
+    "PoorAstrometricFit",
 )

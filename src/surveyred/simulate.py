@@ -11,6 +11,7 @@ Layout of the output directory::
     OUTDIR/raw/<night>/<expname>.fits      one file per exposure (night = YYYYMMDD of the evening)
     OUTDIR/truth/...                       truth files, described in OUTDIR/truth/README.md
                                            (text in :data:`TRUTH_README`)
+    OUTDIR/refcat/sim/                     the reference catalog as a surveyred.refcat store
 
 The simulation is deterministic: the same instrument, preset, seed, nights and
 detector selection give bit-identical files.  Nothing is taken from the clock;
@@ -1679,6 +1680,12 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
         path = truth_dir / f"{name}.parquet"
         _write_parquet(df, path)
         truth[name] = str(path)
+
+    # the reference catalog also as a local store (surveyred.refcat): OUTDIR/refcat/sim
+    from .refcat import write_simulated_refcat
+
+    write_simulated_refcat(catalog, out / "refcat", name="sim")
+    truth["refcat_store"] = str(out / "refcat" / "sim")
 
     gains = {"instrument": inst.name, "detectors": {}}
     for det in dets:

@@ -510,3 +510,39 @@ def test_centroid_error_formula_predicts_windowed_centroid_scatter():
     ratio = np.std(xs) / np.median(pred)
     print(f"winpos scatter / predicted error: x {ratio:.3f}, y {np.std(ys) / np.median(pred):.3f}")
     assert 0.9 < ratio < 1.1 and 0.9 < np.std(ys) / np.median(pred) < 1.1
+
+
+def test_full_chain_zero_point_within_5_mmag_of_truth(characterized, tiny_survey):
+    """ISR -> characterize -> calibrate (the commands, on the first night): per-detector zero-point
+    vs truth ``zp_calexp`` (the zero-point of a calexp flat-fielded with the truth flat, i.e.
+    ``zp + 2.5 log10(mean response)``), rms over detectors < 5 mmag and every detector < 12 mmag.
+
+    The rms is the issue-3 acceptance; the per-detector bound is the measured floor with margin:
+    with 5-20 PSF stars per 512x512 detector the PSF model misses part of the real size variation
+    across it (up to +-4% in FWHM), which biases that detector's PSF fluxes by up to ~0.7%
+    (measured: rms 3.1 mmag, max 7.7 mmag here; rms 3.0, max 7.7 over both nights' 32
+    detectors; before the visit-pooled wing and aperture correction: rms 13.6, max 47.9)."""
+    c = characterized
+    catdir = tiny_survey / "refcat" / "sim"
+    errs = []
+    for (night, visit), rows in c["exposures"].groupby(["night", "visit"]):
+        rows = rows.sort_values("detector")
+        srcs = [str(c["out"] / "src" / night / f"{visit}_{d}.parquet") for d in rows.detector]
+        calexps = [str(c["out"] / "calexp" / night / f"{visit}_{d}.fits") for d in rows.detector]
+        summary = c["out"] / "visit_summary" / night / f"{visit}.parquet"
+        rc = cli.main(["calibrate", "--src", *srcs, "--calexp", *calexps, "--refcat-astrom", str(catdir),
+                       "--refcat-photom", str(catdir), "--instrument", "simcam",
+                       "--outdir-calsrc", str(c["out"] / "calsrc" / night), "--outdir-wcs", str(c["out"] / "wcs" / night),
+                       "--summary", str(summary), "--threads", "2"])
+        assert rc == 0
+        summ = pd.read_parquet(summary).set_index("detector")
+        for row in rows.itertuples():
+            assert summ.status[row.detector] == "ok", (visit, row.detector)
+            errs.append(summ.zero_point[row.detector] - row.zp_calexp)
+    errs = np.array(errs)
+    rms = float(np.sqrt(np.mean(errs ** 2)))
+    print(f"full-chain zero-point error vs truth: rms {1000 * rms:.2f} mmag, max {1000 * np.abs(errs).max():.2f} "
+          f"mmag, mean {1000 * errs.mean():+.2f} mmag over {len(errs)} detectors")
+    assert len(errs) == 16
+    assert rms < 0.005
+    assert np.all(np.abs(errs) < 0.012)

@@ -29,15 +29,31 @@ Steps (I/O free: :func:`characterize_detector`)
 4. **Aperture fluxes** ``sep.sum_circle`` at ``aperture_radii`` with ``var=VARIANCE``.
 5. **PSF model** (:class:`surveyred.psf.PsfModel`) from isolated, unflagged,
    bright (``psf.min_snr``), clean-stamp stars with a half-light radius within
-   ``psf.size_tol`` of the mode of the bright sources'.
+   ``psf.size_tol`` of the mode of the bright sources'; the pixels of other
+   detections are left out of each star's fit, and stars fitted poorly
+   (reduced chi2 outliers: blends, a transient on its host) are dropped.
 6. **PSF flux**: linear least squares of the PSF model at the centroid within
    ``psf_fit_radius`` x FWHM over unflagged pixels, uniformly weighted (the sky
    variance is constant over a stamp, so the estimate is unbiased; the
    variance plane gives the error):
-   ``F = sum P d / sum P^2``, ``var F = sum P^2 V / (sum P^2)^2``.
-7. **Aperture correction**: sigma-clipped (weighted) fit of
-   ``ap_flux_r<largest> / psf_flux`` over the PSF stars, a polynomial of order
-   ``apcorr.order`` in ``(x, y)`` (0 = a constant); ``psf_flux_apcorr = apcorr psf_flux``.
+   ``F = sum P d / sum P^2``, ``var F = sum P^2 V / (sum P^2)^2``; then two
+   Jacobi iterations of the simultaneous fit subtract the neighbours' PSFs
+   (out to ``NEIGHBOUR_RADIUS`` FWHM; saturated sources are not subtracted).
+7. **Aperture correction**: fit of ``ap_flux_r<largest> / psf_flux`` over the
+   PSF stars whose largest aperture holds no pixel of another detection
+   (all PSF stars when fewer than ``apcorr.min_stars``), weights
+   ``1/(err^2 + APCORR_FLOOR^2)``, clipped on normalised residuals from the
+   median; a polynomial of order ``apcorr.order`` in ``(x, y)`` (0 = a
+   constant); ``psf_flux_apcorr = apcorr psf_flux``.
+8. **Visit pooling** (``pool_visit``, in :func:`characterize_visit`): the PSF
+   wing fraction and ratio are poorly constrained by the 5-20 stars of one small
+   detector and trade off against the aperture correction, and a per-detector
+   correction from those stars carries ~1% of noise (the 12-px aperture's sky
+   noise).  So the wing is the median of the free first-pass fits of every
+   detector's stars, every detector's PSF is refitted with it, and one
+   constant aperture correction is fitted to the pooled stars of the visit
+   (:func:`visit_wing`, :func:`pool_apcorr`).  The characterisation runs
+   twice per detector.
 
 Source catalog columns (Parquet; one row per detection)
 -------------------------------------------------------
@@ -120,6 +136,10 @@ BAD_FOR_PSF = masks.BAD | masks.SAT | masks.CR | masks.INTRP | masks.NO_DATA | m
 #: Planes whose pixels are left out of the PSF-flux fit.
 BAD_FOR_PSF_FLUX = masks.BAD | masks.SAT | masks.NO_DATA
 
+#: Star-to-star scatter of ``ap_flux / psf_flux`` beyond the photon noise (PSF model
+#: residuals, undetected neighbours), added in quadrature to each star's error.
+APCORR_FLOOR = 0.005
+
 FLAG_COLUMNS = ("flag_saturated", "flag_edge", "flag_aperture_trunc", "flag_blended", "flag_cr", "flag_bad",
                 "flag_bad_centroid", "flag_nan", "flag_psf_failed")
 
@@ -163,7 +183,7 @@ class PsfConfig:
     order: int = 2
     min_stars: int = 5
     max_stars: int = 100
-    min_snr: float = 50.0
+    min_snr: float = 25.0
     isolation: float = 3.0
     size_tol: float = 0.2
     stamp_half: int = 0
@@ -200,6 +220,7 @@ class CharacterizeConfig:
     apcorr: ApcorrConfig = field(default_factory=ApcorrConfig)
     aperture_radii: tuple = (3.0, 5.0, 8.0, 12.0)
     max_centroid_shift: float = 1.5
+    pool_visit: bool = True
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any] | None) -> "CharacterizeConfig":
@@ -443,16 +464,27 @@ def select_psf_stars(cols, mask, *, cfg: CharacterizeConfig, snr):
     return cand, mode
 
 
-def psf_photometry(sub, variance, mask, model: PsfModel, x, y, *, radius: float):
-    """Linear PSF flux at fixed centroids; returns ``(flux, err)`` (NaN where impossible)."""
+def psf_photometry(sub, variance, mask, model: PsfModel, x, y, *, radius: float, neighbours: int = 2,
+                   exclude=None):
+    """Linear PSF flux at fixed centroids; returns ``(flux, err)`` (NaN where impossible).
+
+    With ``neighbours > 0`` the fluxes are refined that many times by
+    subtracting every other source's fitted PSF (out to ``NEIGHBOUR_RADIUS``
+    FWHM, where the wing of a bright star still biases a faint neighbour's fit):
+    ``F_i <- F_i + sum P_i R / sum P_i^2`` with ``R = sub - sum_j F_j P_j`` (Jacobi
+    iterations of the simultaneous fit).  Sources in ``exclude`` (e.g. saturated
+    ones, whose fitted flux is unreliable) are never subtracted.
+    """
     n = len(x)
     if n == 0:
         return np.zeros(0), np.zeros(0)
     fw = float(model.fwhm((sub.shape[1] - 1) / 2, (sub.shape[0] - 1) / 2))
     h = max(2, int(math.ceil(radius * fw)))
+    hm = max(h, int(math.ceil(NEIGHBOUR_RADIUS * fw)))
     flux, err = np.full(n, np.nan), np.full(n, np.nan)
-    for start in range(0, n, 4096):  # bounded memory
-        sl = slice(start, min(n, start + 4096))
+    chunks = [slice(start, min(n, start + 4096)) for start in range(0, n, 4096)]  # bounded memory
+    fit = []
+    for sl in chunks:
         xs, ys = x[sl], y[sl]
         lin, ok, ix, iy = _stamp_index(sub.shape, xs, ys, h)
         d = np.where(ok, sub.reshape(-1)[lin], 0.0)
@@ -469,11 +501,63 @@ def psf_photometry(sub, variance, mask, model: PsfModel, x, y, *, radius: float)
         bad = ~(spp > 0)
         flux[sl][bad] = np.nan
         err[sl][bad] = np.nan
+        fit.append((lin, P, spp))
+    skip = np.zeros(n, bool) if exclude is None else np.asarray(exclude, bool)
+    for _ in range(int(neighbours)):
+        use = np.isfinite(flux) & ~skip
+        if use.sum() < 2:
+            break
+        resid = np.asarray(sub, np.float64).copy()
+        flat = resid.reshape(-1)
+        for sl in chunks:  # subtract every source's PSF out to hm
+            k = np.nonzero(use[sl])[0] + sl.start
+            if len(k) == 0:
+                continue
+            xs, ys = x[k], y[k]
+            lin, ok, ix, iy = _stamp_index(sub.shape, xs, ys, hm)
+            dx = (ix - xs[:, None])[:, None, :]
+            dy = (iy - ys[:, None])[:, :, None]
+            m = model.pixels(dx, dy, xs[:, None, None], ys[:, None, None]) * flux[k][:, None, None]
+            np.subtract.at(flat, lin[ok], m[ok])
+        flat = np.where(np.isfinite(flat), flat, 0.0)
+        for sl, (lin, P, spp) in zip(chunks, fit):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                upd = (P * flat[lin]).sum(axis=(1, 2)) / spp
+            f = flux[sl]
+            flux[sl] = np.where(np.isfinite(upd), f + upd, f)
     return flux, err
 
 
+#: Radius (in FWHM) out to which neighbours' PSFs are subtracted in :func:`psf_photometry`.
+NEIGHBOUR_RADIUS = 4.0
+
+
+def aperture_clean(seg, x, y, radius: float) -> np.ndarray:
+    """True where the circle of ``radius`` px about ``(x, y)`` holds no pixel of another detection.
+
+    ``seg`` is the segmentation map (object ``i`` has label ``i + 1``); the
+    circle is taken half a pixel wider so that a pixel it overlaps counts.
+    """
+    n = len(x)
+    if n == 0:
+        return np.zeros(0, bool)
+    h = int(math.ceil(radius + 0.5))
+    lin, ok, ix, iy = _stamp_index(seg.shape, x, y, h)
+    inside = ok & ((ix[:, None, :] - x[:, None, None]) ** 2 + (iy[:, :, None] - y[:, None, None]) ** 2
+                   <= (radius + 0.5) ** 2)
+    lab = np.where(inside, seg.reshape(-1)[lin], 0)
+    other = (lab > 0) & (lab != np.arange(1, n + 1)[:, None, None])
+    return ~other.any(axis=(1, 2))
+
+
 def fit_apcorr(x, y, ratio, ratio_err, shape, *, cfg: ApcorrConfig, path: str | None = None):
-    """Sigma-clipped polynomial fit of the aperture correction; returns a callable ``(x, y) -> apcorr``."""
+    """Sigma-clipped polynomial fit of the aperture correction; returns a callable ``(x, y) -> apcorr``.
+
+    Weights ``1 / (ratio_err^2 + APCORR_FLOOR^2)``; stars are clipped on their
+    residuals in units of that error, starting from the median ratio, so that a
+    bright star with a contaminated aperture (a host galaxy, a neighbour's
+    wing) is rejected rather than dominating the weighted fit.
+    """
     from .psf import _clipped_polyfit, poly_terms
 
     ok = np.isfinite(ratio) & np.isfinite(ratio_err) & (ratio_err > 0)
@@ -487,7 +571,8 @@ def fit_apcorr(x, y, ratio, ratio_err, shape, *, cfg: ApcorrConfig, path: str | 
         order -= 1
     terms = poly_terms(order)
     u, v = (x - (nx - 1) / 2) / hx, (y - (ny - 1) / 2) / hy
-    coef, _ = _clipped_polyfit(u[ok], v[ok], ratio[ok], 1.0 / ratio_err[ok] ** 2, terms, nsigma=cfg.nsigma)
+    coef, _ = _clipped_polyfit(u[ok], v[ok], ratio[ok], 1.0 / (ratio_err[ok] ** 2 + APCORR_FLOOR ** 2), terms,
+                               nsigma=cfg.nsigma, normalized=True)
 
     def apcorr(xq, yq):
         uq, vq = (np.asarray(xq, float) - (nx - 1) / 2) / hx, (np.asarray(yq, float) - (ny - 1) / 2) / hy
@@ -508,6 +593,7 @@ class DetectorResult:
     status: str = "ok"
     failure_class: str = ""
     failure_message: str = ""
+    apcorr_stars: dict | None = None  # x, y, ratio, ratio_err of the aperture-correction stars
 
 
 def empty_catalog(cfg: CharacterizeConfig) -> dict:
@@ -575,11 +661,16 @@ def detect_and_measure(image, mask, variance, *, cfg: CharacterizeConfig = Chara
 
 
 def characterize_detector(image, mask, variance, *, visit: str = "0", detector: int = 0,
-                          cfg: CharacterizeConfig = CharacterizeConfig(), path: str | None = None) -> DetectorResult:
+                          cfg: CharacterizeConfig = CharacterizeConfig(), path: str | None = None,
+                          wing: tuple[float, float] | None = None, apcorr: float | None = None) -> DetectorResult:
     """Run every step on one detector; failures become a ``failed`` result, never an exception.
 
     Only :class:`NoSources` and :class:`TooFewStars` are turned into a failed
-    result (with an empty catalog); other errors propagate.
+    result (with an empty catalog); other errors propagate.  ``wing`` (the PSF
+    wing fraction and ratio) and ``apcorr`` (a constant aperture correction)
+    fix those quantities, e.g. at values pooled over the visit's detectors
+    (:func:`characterize_visit`); the stars that would have given the aperture
+    correction are kept in ``result.apcorr_stars`` either way.
     """
     bkg = None
     detected = None
@@ -599,20 +690,30 @@ def characterize_detector(image, mask, variance, *, visit: str = "0", detector: 
         if cand.sum() < cfg.psf.min_stars:
             raise TooFewStars(f"{int(cand.sum())} PSF candidates (isolated, unsaturated, unflagged, S/N >= "
                               f"{cfg.psf.min_snr:g}) among {n} sources; need {cfg.psf.min_stars}", path=path)
-        usable = (mask & BAD_FOR_PSF) == 0
         idx = np.nonzero(cand)[0]
+        usable = (mask & BAD_FOR_PSF) == 0
         model = PsfModel.fit(sub, var, usable, cols["x"][idx], cols["y"][idx], fwhm_guess=mode,
                              order=cfg.psf.order, stamp_half=cfg.psf.stamp_half, min_stars=cfg.psf.min_stars,
-                             path=path)
+                             wing_frac=None if wing is None else wing[0], wing_ratio=None if wing is None else wing[1],
+                             segmap=seg, seg_ids=idx + 1, path=path)
         is_psf = np.zeros(n, bool)
         is_psf[idx[np.asarray(model.stars["used"], bool)]] = True
-        flux, ferr = psf_photometry(sub, var, mask, model, cols["x"], cols["y"], radius=cfg.psf.fit_radius)
+        flux, ferr = psf_photometry(sub, var, mask, model, cols["x"], cols["y"], radius=cfg.psf.fit_radius,
+                                    exclude=cols["flag_saturated"])
         big = ap_name(cfg.aperture_radii[-1])
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = cols[big] / flux
             rerr = ratio * np.hypot(cols[big + "_err"] / cols[big], ferr / flux)
-        ac = fit_apcorr(cols["x"][is_psf], cols["y"][is_psf], ratio[is_psf], rerr[is_psf], image.shape,
-                        cfg=cfg.apcorr, path=path)
+        use = is_psf & aperture_clean(seg, cols["x"], cols["y"], cfg.aperture_radii[-1])
+        if use.sum() < cfg.apcorr.min_stars:  # crowded: every PSF star, neighbours or not
+            use = is_psf
+        apcorr_stars = dict(x=cols["x"][use], y=cols["y"][use], ratio=ratio[use], ratio_err=rerr[use])
+        if apcorr is None:
+            ac = fit_apcorr(cols["x"][use], cols["y"][use], ratio[use], rerr[use], image.shape,
+                            cfg=cfg.apcorr, path=path)
+        else:
+            def ac(xq, yq, _v=float(apcorr)):
+                return np.full(np.shape(xq), _v)
         apc = np.asarray(ac(cols["x"], cols["y"]), float) * np.ones(n)
         cols.update(psf_flux=flux, psf_flux_err=ferr, apcorr=apc, psf_flux_apcorr=apc * flux,
                     psf_flux_apcorr_err=apc * ferr, is_psf_star=is_psf)
@@ -628,7 +729,7 @@ def characterize_detector(image, mask, variance, *, visit: str = "0", detector: 
         summary = dict(nsource=n, npsfstar=int(model.nstars), psf_fwhm=float(model.fwhm(xc, yc)),
                        psf_ellip=float(model.ellipticity(xc, yc)), apcorr=float(np.asarray(ac(xc, yc))),
                        sky_level=bkg.level, sky_rms=bkg.noise)
-        return DetectorResult(catalog, bkg, detected, model, summary)
+        return DetectorResult(catalog, bkg, detected, model, summary, apcorr_stars=apcorr_stars)
     except (NoSources, TooFewStars) as exc:
         bkg = getattr(exc, "background", bkg)
         if detected is None and bkg is not None:
@@ -716,6 +817,51 @@ def psf_product(res: DetectorResult, primary, cfg: CharacterizeConfig, *, inputs
     return fits.HDUList(hdus)
 
 
+def visit_wing(results: Sequence[DetectorResult]) -> tuple[float, float] | None:
+    """Median wing fraction and ratio of the free PSF fits of every detector's stars (``None``: fewer than 2
+    detectors with a PSF model, nothing to pool)."""
+    tabs = [r.psf.stars for r in results if r.status == "ok" and r.psf is not None and r.psf.stars is not None
+            and "wing_frac" in r.psf.stars.colnames]
+    if len(tabs) < 2:
+        return None
+    wf = np.concatenate([np.asarray(t["wing_frac"], float) for t in tabs])
+    wr = np.concatenate([np.asarray(t["wing_ratio"], float) for t in tabs])
+    ok = np.isfinite(wf) & np.isfinite(wr)
+    if not ok.any():
+        return None
+    return float(np.median(wf[ok])), float(np.median(wr[ok]))
+
+
+def pool_apcorr(results: Sequence[DetectorResult], *, cfg: ApcorrConfig = ApcorrConfig(),
+                path: str | None = None) -> float | None:
+    """One aperture correction for the visit from every detector's aperture-correction stars.
+
+    Applied in place to the ``ok`` results (``apcorr``, ``psf_flux_apcorr``,
+    ``psf_flux_apcorr_err`` columns and ``summary["apcorr"]``); returns the value,
+    or ``None`` (per-detector corrections kept) when fewer than 2 detectors
+    succeeded or the stars are too few.  Fitted like :func:`fit_apcorr` with
+    ``order = 0`` (the detectors' stars share the visit's PSF wing, see
+    :func:`visit_wing`).
+    """
+    ok = [r for r in results if r.status == "ok" and r.apcorr_stars is not None]
+    if len(ok) < 2:
+        return None
+    a = {k: np.concatenate([np.asarray(r.apcorr_stars[k], float) for r in ok]) for k in ("x", "ratio", "ratio_err")}
+    try:
+        ac = fit_apcorr(a["x"], a["x"] * 0, a["ratio"], a["ratio_err"], (1, 1),
+                        cfg=ApcorrConfig(order=0, nsigma=cfg.nsigma, min_stars=cfg.min_stars), path=path)
+    except TooFewStars:
+        return None
+    value = float(np.asarray(ac(0.0, 0.0)))
+    for r in ok:
+        c = r.catalog
+        c["apcorr"] = np.full(len(c["apcorr"]), value)
+        c["psf_flux_apcorr"] = value * c["psf_flux"]
+        c["psf_flux_apcorr_err"] = value * c["psf_flux_err"]
+        r.summary["apcorr"] = value
+    return value
+
+
 def characterize_visit(calexps: Sequence[str | os.PathLike], *, outdir_src, outdir_psf,
                        cfg: CharacterizeConfig = CharacterizeConfig(), threads: int = 1,
                        config: Mapping | None = None) -> list[DetectorResult]:
@@ -731,16 +877,21 @@ def characterize_visit(calexps: Sequence[str | os.PathLike], *, outdir_src, outd
     from . import __version__, fitsio
     from .provenance import config_hash, git_revision
 
-    def one(path):
+    def one(path, wing=None):
         image, mask, variance, primary, _ = fitsio.read_exposure(path)
         det = int(primary.get("DETECTOR", 0))
         res = characterize_detector(image, mask, variance, visit=str(primary.get("VISIT", "0")), detector=det,
-                                    cfg=cfg, path=str(path))
+                                    cfg=cfg, path=str(path), wing=wing)
         return path, primary, res
 
     paths = [str(p) for p in calexps]
     with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
         results = list(pool.map(one, paths))
+        wing = visit_wing([r for _, _, r in results]) if cfg.pool_visit else None
+        if wing is not None:  # second pass: every detector's PSF with the visit's wing
+            results = list(pool.map(lambda p: one(p, wing), paths))
+    if cfg.pool_visit:
+        pool_apcorr([r for _, _, r in results], cfg=cfg.apcorr, path=paths[0] if paths else None)
     fits_items, tables = [], []
     for path, primary, res in results:
         stem = Path(path).name

@@ -18,9 +18,13 @@ cumulant changes the FWHM by less than 0.5%.
 Fitting (:meth:`PsfModel.fit`): every PSF star's stamp is fitted by weighted
 non-linear least squares (flux, centre, local sky, ``Cxx, Cyy, Cxy``, ``f``,
 ``w``); ``f`` and ``w`` are set to the clipped medians of the stars; the stars
-are refitted with ``f, w`` fixed; then each covariance term is fitted with the
-polynomial by weighted least squares with 3-sigma clipping (stars clipped in any
-term are dropped from all).
+are refitted with ``f, w`` fixed (or ``f, w`` are given, e.g. pooled over a
+visit, and only this pass runs); stars whose reduced chi2 is an outlier of the
+(iteratively clipped) distribution are dropped (blends, a transient on its host
+galaxy); then each covariance term is fitted with the polynomial by weighted
+least squares with 3-sigma clipping, the scale at least ``PSF_SIZE_SCATTER`` of
+the median variance (stars clipped in any term are dropped from all).  The
+order is lowered until there are ``STARS_PER_TERM`` stars per term.
 
 Derived quantities: ``fwhm(x, y)`` is the full width at half maximum of the
 circularised profile (core sigma ``s = det(C)^(1/4)``, i.e. the geometric mean of
@@ -34,7 +38,8 @@ row per polynomial term: ``px``, ``py`` (powers of ``u`` and ``v``), ``cxx``,
 ``POLYORD``, ``WINGFRAC``, ``WINGRAT``, ``XCENTER``, ``YCENTER``, ``XHALF``,
 ``YHALF``, ``DETNX``/``DETNY`` (detector shape), ``NPSFSTAR``; the table
 ``PSFSTARS`` (one row per star offered to the fit: ``x``, ``y``, ``flux``,
-``cxx``, ``cyy``, ``cxy``, ``wing_frac``, ``wing_ratio``, ``used``); and the
+``cxx``, ``cyy``, ``cxy``, ``chi2``, ``wing_frac``, ``wing_ratio`` (of the first,
+free pass; NaN for stars not in it), ``used``); and the
 image ``PSFIMAGE``, the normalised 25x25 stamp at the detector centre.
 """
 
@@ -52,6 +57,12 @@ from .errors import TooFewStars
 #: Variance of the unit pixel box, added to each Gaussian (pixel integration to second order).
 PIXEL_VAR = 1.0 / 12.0
 MODEL_NAME = "DGAUSS2D"
+#: Floor of the clipping scale of the stars' core covariances, as a fraction of their median
+#: (3% of C is 1.5% in FWHM; 3 x 3% keeps real variation across a detector).
+PSF_SIZE_SCATTER = 0.03
+#: Usable stars per polynomial term below which the order is lowered (2: a linear model from
+#: 6 stars; the real size variation across a detector, several %, outweighs their shape noise).
+STARS_PER_TERM = 2
 
 
 def poly_terms(order: int) -> list[tuple[int, int]]:
@@ -159,16 +170,27 @@ def fit_star(stamp, var, ok, x0, y0, *, sigma0, wing_frac=None, wing_ratio=None)
                 chi2=float(np.sum(res.fun ** 2) / max(good.sum() - len(p), 1)))
 
 
-def _clipped_polyfit(u, v, values, weights, terms, nsigma=3.0, iters=5):
-    """Weighted polynomial fit with sigma clipping; returns (coeffs, kept mask)."""
+def _clipped_polyfit(u, v, values, weights, terms, nsigma=3.0, iters=5, normalized=False, min_scale=0.0):
+    """Weighted polynomial fit with sigma clipping; returns (coeffs, kept mask).
+
+    The clipping scale is the MAD of the residuals, or with ``normalized`` of the
+    residuals times ``sqrt(weights)`` (weights = 1/sigma^2: a precise point far off
+    the fit is rejected even when imprecise points scatter more); the first pass
+    then measures the residuals from the median of the values, so that one
+    precise outlier cannot pull the first fit onto itself and hide.
+    """
     A = np.stack([u ** i * v ** j for i, j in terms], axis=1)
     keep = np.isfinite(values) & np.isfinite(weights) & (weights > 0)
     coef = np.zeros(len(terms))
-    for _ in range(iters):
+    for it in range(iters):
         sw = np.sqrt(weights[keep])
         coef, *_ = np.linalg.lstsq(A[keep] * sw[:, None], values[keep] * sw, rcond=None)
         r = values - A @ coef
-        mad = 1.4826 * np.median(np.abs(r[keep] - np.median(r[keep])))
+        if normalized and it == 0 and terms[0] == (0, 0):
+            r = values - np.median(values[keep])
+        if normalized:
+            r = r * np.sqrt(np.where(np.isfinite(weights), weights, 0.0))
+        mad = max(1.4826 * np.median(np.abs(r[keep] - np.median(r[keep]))), min_scale)
         if not np.isfinite(mad) or mad == 0:
             break
         new = keep & (np.abs(r) < nsigma * mad)
@@ -260,7 +282,8 @@ class PsfModel:
 
     @classmethod
     def fit(cls, image, variance, usable, x, y, *, fwhm_guess: float, order: int = 2, stamp_half: int = 0,
-            min_stars: int = 5, nsigma: float = 3.0, first_pass_stars: int = 30,
+            min_stars: int = 5, nsigma: float = 3.0, first_pass_stars: int = 30, chi2_floor: float = 0.1,
+            wing_frac: float | None = None, wing_ratio: float | None = None, segmap=None, seg_ids=None,
             path: str | None = None) -> "PsfModel":
         """Fit the model to stars at ``(x, y)`` of a background-subtracted image.
 
@@ -276,11 +299,20 @@ class PsfModel:
             Starting FWHM (px).
         order : int
             Polynomial order; lowered automatically to the highest order with at
-            least 3 stars per coefficient (at least ``min_stars`` in all).
+            least ``STARS_PER_TERM`` stars per coefficient (at least ``min_stars`` in all).
         stamp_half : int
             Stamp half-size (px); 0 = ``max(6, ceil(2.5 fwhm_guess))``.
         min_stars : int
             Fewer usable stars than this raises :class:`TooFewStars`.
+        wing_frac, wing_ratio : float, optional
+            Fixed wing parameters (e.g. pooled over a visit); fitted when ``None``.
+        segmap, seg_ids : optional
+            Segmentation map and each star's label in it: pixels of other
+            detections are left out of a star's fit.
+        chi2_floor : float
+            Stars whose reduced chi2 exceeds the (iteratively clipped) median by
+            ``nsigma`` times ``max(1.4826 MAD, chi2_floor * median)`` are dropped
+            (blends, cosmic rays, a neighbour's halo).
         first_pass_stars : int
             The brightest stars fitted with free wing parameters (their medians
             fix ``f`` and ``w`` for the second pass over all stars).
@@ -309,22 +341,33 @@ class PsfModel:
             for i, c in enumerate(cut):
                 r = None
                 if c is not None and (which is None or which[i]):
-                    r = fit_star(image[c[0]], variance[c[0]], usable[c[0]], c[1], c[2], sigma0=sigma0,
+                    ok = usable[c[0]]
+                    if segmap is not None:  # other detections' pixels stay out of this star's fit
+                        lab = segmap[c[0]]
+                        ok = ok & ((lab == 0) | (lab == seg_ids[i]))
+                    r = fit_star(image[c[0]], variance[c[0]], ok, c[1], c[2], sigma0=sigma0,
                                  wing_frac=wf, wing_ratio=wr)
                 rows.append(r)
             return rows
 
         # the wing parameters are global: the first pass (all free) uses the brightest stars only
-        bright = np.array([np.nansum(image[c[0]]) if c is not None else -np.inf for c in cut])
-        which = np.zeros(len(cut), bool)
-        which[np.argsort(-bright)[:first_pass_stars]] = True
-        first = fit_all(None, None, which)
-        okf = [r for r in first if r is not None]
-        if len(okf) < min(min_stars, which.sum()):
-            raise TooFewStars(f"only {len(okf)} of {len(x)} PSF candidates could be fitted (need {min_stars})",
-                              path=path)
-        wf = float(np.median([r["wing_frac"] for r in okf]))
-        wr = float(np.median([r["wing_ratio"] for r in okf]))
+        free_wf, free_wr = np.full(len(x), np.nan), np.full(len(x), np.nan)
+        if wing_frac is None or wing_ratio is None:
+            bright = np.array([np.nansum(image[c[0]]) if c is not None else -np.inf for c in cut])
+            which = np.zeros(len(cut), bool)
+            which[np.argsort(-bright)[:first_pass_stars]] = True
+            first = fit_all(None, None, which)
+            okf = [r for r in first if r is not None]
+            if len(okf) < min(min_stars, which.sum()):
+                raise TooFewStars(f"only {len(okf)} of {len(x)} PSF candidates could be fitted (need {min_stars})",
+                                  path=path)
+            for i, r in enumerate(first):
+                if r is not None:
+                    free_wf[i], free_wr[i] = r["wing_frac"], r["wing_ratio"]
+            wf = float(np.median([r["wing_frac"] for r in okf]))
+            wr = float(np.median([r["wing_ratio"] for r in okf]))
+        else:
+            wf, wr = float(wing_frac), float(wing_ratio)
         second = fit_all(wf, wr)
         good = np.array([r is not None for r in second])
         nan = np.full(len(x), np.nan)
@@ -336,8 +379,23 @@ class PsfModel:
                 cols[k][i] = r[k]
             cols["xfit"][i] = r["x"] + cut[i][3]
             cols["yfit"][i] = r["y"] + cut[i][4]
+        # a blend, a cosmic ray or a neighbour's halo in the stamp shows as a poor fit (reduced chi2
+        # well above the stars'); such a star drags a low-order polynomial everywhere and is masked
+        # from the (non-robust) first polynomial fit, so it is rejected here
+        # (iterated: when several stamps are spoiled the first median and MAD are inflated)
+        chi2 = cols["chi2"]
+        fine = good.copy()
+        for _ in range(5 if good.sum() > min_stars else 0):
+            med = float(np.median(chi2[fine]))
+            scale = max(1.4826 * float(np.median(np.abs(chi2[fine] - med))), chi2_floor * med)
+            new = good & (chi2 <= med + nsigma * scale)
+            if new.sum() < min_stars or np.array_equal(new, fine):
+                break
+            fine = new
+        if fine.sum() >= min_stars:
+            good = fine
         n_ok = int(good.sum())
-        while order > 0 and n_ok < 3 * len(poly_terms(order)):
+        while order > 0 and n_ok < STARS_PER_TERM * len(poly_terms(order)):
             order -= 1
         if n_ok < min_stars:
             raise TooFewStars(f"only {n_ok} of {len(x)} PSF candidates could be fitted (need {min_stars})",
@@ -349,12 +407,16 @@ class PsfModel:
         weights = np.sqrt(weights)  # shape noise ~ 1/SNR ~ 1/sqrt(flux) for bright stars
         keep = good.copy()
         coeffs = np.zeros((3, len(terms)))
+        # clipping scale at least PSF_SIZE_SCATTER of the median core variance: with a handful of
+        # stars the MAD can be tiny and would reject real PSF variation the polynomial misses
+        c_med = float(np.median(0.5 * (cols["cxx"][good] + cols["cyy"][good])))
         for _ in range(2):
             new_keep = keep.copy()
             for k, key in enumerate(("cxx", "cyy", "cxy")):
                 vals = np.where(keep, cols[key], np.nan)
                 coeffs[k], kk = _clipped_polyfit(np.where(keep, u, 0), np.where(keep, v, 0), vals,
-                                                 np.where(keep, weights, 0.0), terms, nsigma=nsigma)
+                                                 np.where(keep, weights, 0.0), terms, nsigma=nsigma,
+                                                 min_scale=PSF_SIZE_SCATTER * c_med)
                 new_keep &= kk
             if new_keep.sum() == keep.sum() or new_keep.sum() < min_stars:
                 break
@@ -363,7 +425,7 @@ class PsfModel:
         if nused < min_stars:
             raise TooFewStars(f"only {nused} PSF stars survive clipping (need {min_stars})", path=path)
         stars = Table(dict(x=x, y=y, flux=cols["flux"], cxx=cols["cxx"], cyy=cols["cyy"], cxy=cols["cxy"],
-                           chi2=cols["chi2"], used=keep))
+                           chi2=cols["chi2"], wing_frac=free_wf, wing_ratio=free_wr, used=keep))
         return cls(tuple(terms), coeffs, wf, wr, (ny, nx), nused, stars)
 
     # -- I/O -------------------------------------------------------------------------

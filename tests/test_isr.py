@@ -172,3 +172,18 @@ def test_provenance_command_prints_what_made_a_calexp(masters, tmp_path, capsys)
     # a file without provenance is a one-line error
     assert cli.main(["provenance", str(raw)]) == 2
     assert "records no surveyred provenance" in capsys.readouterr().err
+
+
+def test_rerun_clears_temporaries_of_a_killed_writer(masters, tmp_path):
+    """A writer killed mid-write leaves `.<name>.*.tmp`; the next write of that product removes it."""
+    root, _ = masters
+    raw = write_raw(tmp_path / "sci.fits", np.random.default_rng(17))
+    out = tmp_path / "out"
+    out.mkdir()
+    debris = out / ".v7_0.fits.abc123.tmp"
+    debris.write_bytes(b"half a FITS file")
+    unrelated = out / ".other.fits.abc123.tmp"
+    unrelated.write_bytes(b"not ours")
+    assert _isr_cli(raw, out, root) == 0
+    assert not debris.exists() and unrelated.exists()
+    assert (out / "v7_0.fits").exists()

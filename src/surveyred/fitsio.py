@@ -10,6 +10,7 @@ product under its final name.  Inputs are opened read-only.
 from __future__ import annotations
 
 import contextlib
+from glob import escape as glob_escape
 import os
 import tempfile
 import warnings
@@ -30,6 +31,17 @@ from .errors import CorruptInput
 _READ_ERRORS = (OSError, ValueError, TypeError, EOFError, zlib.error, AstropyUserWarning)
 
 
+def _clear_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by a writer that was killed (SIGKILL, OOM).
+
+    Only one job writes a given product (Snakemake guarantees it), so any
+    ``.<name>.*.tmp`` beside it is debris of an earlier, interrupted attempt.
+    """
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
@@ -39,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -74,6 +87,7 @@ def write_all(items) -> None:
         for path, hdul in items:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
+            _clear_stale_temporaries(path)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             tmps.append(tmp)

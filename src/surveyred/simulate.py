@@ -73,6 +73,7 @@ from .fitsio import atomic_path
 from .instrument import Amplifier, Detector, Instrument, load_instrument
 from .provenance import add_provenance
 from .runtime import common_arguments, run, setup_logging
+from .sky import tan_deproject, tan_project
 
 log = logging.getLogger("surveyred.simulate")
 
@@ -585,26 +586,6 @@ class CameraModel:
         return make_flat_response(u, v, rmax=self.rmax, band=band, prnu=t.prnu, dead=t.dead, dust=t.dust)
 
 
-def tan_project(ra, dec, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic projection about ``(ra0, dec0)``: standard coordinates (xi, eta) in degrees."""
-    a = np.radians(np.asarray(ra, float) - ra0)
-    d = np.radians(np.asarray(dec, float))
-    d0 = math.radians(dec0)
-    cosc = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a)
-    xi = np.cos(d) * np.sin(a) / cosc
-    eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(a)) / cosc
-    return np.degrees(xi), np.degrees(eta)
-
-
-def tan_deproject(xi, eta, ra0: float, dec0: float) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`tan_project`."""
-    x = np.radians(np.asarray(xi, float))
-    y = np.radians(np.asarray(eta, float))
-    d0 = math.radians(dec0)
-    denom = math.cos(d0) - y * math.sin(d0)
-    ra = ra0 + np.degrees(np.arctan2(x, denom))
-    dec = np.degrees(np.arctan2(math.sin(d0) + y * math.cos(d0), np.hypot(x, denom)))
-    return np.mod(ra, 360.0), dec
 
 
 # -- fixed detector structure (pure functions) ----------------------------------------

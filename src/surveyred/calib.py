@@ -943,14 +943,16 @@ def build_master_flat(
     return [p for p, _ in written]
 
 
-def read_master(path: str | os.PathLike, *, kind: str, det: Detector, when: str | None = None):
+def read_master(path: str | os.PathLike, *, kind: str, det: Detector, night: str | None = None,
+                date: str | None = None):
     """Read a master calibration: (image, defects, variance); check type, detector and validity.
 
     Raises
     ------
     MissingCalibration
-        If the file is missing, is for another detector, or ``when`` (night
-        ``YYYYMMDD`` or ISO date) lies outside its validity range.
+        If the file is missing, is for another detector, or the frame lies
+        outside its validity range: its ``night`` (``YYYYMMDD``) for a
+        night-mode master, its ISO ``date`` for a ranges-mode master.
     """
     path = Path(path)
     if not path.exists():
@@ -961,8 +963,9 @@ def read_master(path: str | os.PathLike, *, kind: str, det: Detector, when: str 
             raise MissingCalibration(
                 f"is a {h.get('SRKIND')} for detector {h.get('DETECTOR')}, not a {kind} for {det.id}", path=path
             )
+        lo, hi = str(h.get("VALSTART", "")), str(h.get("VALEND", ""))
+        when = night if len(lo) == 8 else date
         if when is not None:
-            lo, hi = str(h.get("VALSTART", "")), str(h.get("VALEND", ""))
             if not (lo <= when <= hi or (len(lo) == 10 and lo <= when < hi)):
                 raise MissingCalibration(f"valid {lo}..{hi}, not for {when}", path=path)
         image = hdul["IMAGE"].data.astype(np.float32)

@@ -237,7 +237,6 @@ def isr_exposure(
         if band is not None and info is not None and info.band != band:
             raise CorruptInput(f"header filter {physical!r} is band {info.band}, inventory says {band}",
                                path=raw_path)
-        when = night
         # read and check every detector before writing anything
         frames = []
         for det in detectors:
@@ -254,7 +253,7 @@ def isr_exposure(
                 if not on:
                     continue
                 mpath = Path(directory) / f"{kind}_{rdet.id}.fits"
-                img, dfx, variances[kind] = read_master(mpath, kind=kind, det=rdet, when=_when(mpath, when, date))
+                img, dfx, variances[kind] = read_master(mpath, kind=kind, det=rdet, night=night, date=date)
                 if img.shape != rdet.shape:
                     raise MissingCalibration(f"shape {img.shape} differs from detector {rdet.shape}", path=mpath)
                 if dfx is not None:
@@ -294,15 +293,6 @@ def isr_exposure(
             written.append((Path(outdir) / f"{visit}_{rdet.id}.fits", hdus))
     fitsio.write_all(written)
     return [p for p, _ in written]
-
-
-def _when(master_path: Path, night: str | None, date: str) -> str | None:
-    """The frame's night for night-mode masters, its ISO date for range masters."""
-    with fits.open(master_path) as h:
-        start = str(h[0].header.get("VALSTART", ""))
-    if len(start) == 8:
-        return night
-    return date
 
 
 def main(argv: list[str] | None = None) -> int:

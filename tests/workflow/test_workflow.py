@@ -19,68 +19,9 @@ import pytest
 import yaml
 from astropy.io import fits
 
+from wf_support import REPO, SHORT_TIMEOUT, planned_jobs, show, snakemake, workflow
+
 pytestmark = pytest.mark.workflow
-
-REPO = Path(__file__).resolve().parents[2]
-SNAKEFILE = REPO / "Snakefile"
-RUN_TIMEOUT = 1500  # s, a full run of the tiny survey
-SHORT_TIMEOUT = 300  # s, dry runs and lint
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    # the rules call the `surveyred` command installed beside this interpreter
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def snakemake(*args: str, cwd: Path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run ``python -m snakemake ARGS`` in ``cwd``; output captured as text."""
-    cmd = [sys.executable, "-m", "snakemake", *args]
-    try:
-        return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{exc.stdout}\n{exc.stderr}")
-
-
-def workflow(*args: str, workdir: Path, configfile: Path, timeout: float = RUN_TIMEOUT):
-    return snakemake("-s", str(SNAKEFILE), "--directory", str(workdir), "--configfile", str(configfile),
-                     *args, cwd=workdir, timeout=timeout)
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> job count from the "Job stats" table of a (dry) run."""
-    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
-    jobs: dict[str, int] = {}
-    for i, line in enumerate(lines):
-        if line.strip() == "Job stats:":
-            for row in lines[i + 3:]:
-                parts = row.split()
-                if len(parts) != 2 or parts[0] == "total":
-                    break
-                jobs[parts[0]] = int(parts[1])
-            break
-    return jobs
-
-
-def _show(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_survey, tmp_path_factory):
-    """The workflow run to completion (``--cores 2``) on a copy of the tiny survey."""
-    base = tmp_path_factory.mktemp("workflow")
-    raw = base / "raw"
-    shutil.copytree(tiny_survey / "raw", raw)
-    workdir = base / "work"
-    workdir.mkdir()
-    configfile = base / "config.yaml"
-    configfile.write_text(yaml.safe_dump({"raw_dir": str(raw), "results_dir": "results"}))
-    proc = workflow("--cores", "2", workdir=workdir, configfile=configfile)
-    assert proc.returncode == 0, _show(proc)
-    return {"raw": raw, "workdir": workdir, "results": workdir / "results", "configfile": configfile}
-
 
 def _science(results: Path) -> pd.DataFrame:
     inv = pd.read_parquet(results / "inventory.parquet")
@@ -117,8 +58,8 @@ def test_run_produces_calexps_with_provenance(tiny_run):
 
 def test_second_dry_run_has_nothing_to_do(tiny_run):
     proc = workflow("-n", workdir=tiny_run["workdir"], configfile=tiny_run["configfile"], timeout=SHORT_TIMEOUT)
-    assert proc.returncode == 0, _show(proc)
-    assert "Nothing to be done" in proc.stdout + proc.stderr, _show(proc)
+    assert proc.returncode == 0, show(proc)
+    assert "Nothing to be done" in proc.stdout + proc.stderr, show(proc)
 
 
 def test_bad_raw_files_are_rejected_and_reingest_reruns_nothing_else(tiny_run):
@@ -141,11 +82,11 @@ def test_bad_raw_files_are_rejected_and_reingest_reruns_nothing_else(tiny_run):
 
     # new raw files change the checkpoint's input set: only ingest (and the target) re-run
     dry = workflow("-n", workdir=workdir, configfile=tiny_run["configfile"], timeout=SHORT_TIMEOUT)
-    assert dry.returncode == 0, _show(dry)
-    assert planned_jobs(dry) == {"ingest": 1, "all": 1}, _show(dry)
+    assert dry.returncode == 0, show(dry)
+    assert planned_jobs(dry) == {"ingest": 1, "all": 1}, show(dry)
 
     proc = workflow("--cores", "2", "--keep-going", workdir=workdir, configfile=tiny_run["configfile"])
-    assert proc.returncode == 0, _show(proc)
+    assert proc.returncode == 0, show(proc)
 
     rejects = pd.read_parquet(results / "inventory_rejects.parquet")
     got = {Path(p).name: (c, m) for p, c, m in zip(rejects.path, rejects.failure_class, rejects.message)}
@@ -174,30 +115,30 @@ def test_missing_calibration_still_builds_the_dag(tiny_survey, tmp_path):
 
     ingest = workflow("--cores", "1", "results/inventory.parquet", workdir=workdir, configfile=configfile,
                       timeout=SHORT_TIMEOUT)
-    assert ingest.returncode == 0, _show(ingest)
+    assert ingest.returncode == 0, show(ingest)
     sci = _science(workdir / "results").drop_duplicates("visit")
     n_r = int((sci.band == "r").sum())
     assert n_r and n_r < len(sci)
 
     dry = workflow("-n", "-p", workdir=workdir, configfile=configfile, timeout=SHORT_TIMEOUT)
-    assert dry.returncode == 0, _show(dry)
+    assert dry.returncode == 0, show(dry)
     jobs = planned_jobs(dry)
-    assert jobs.get("isr") == len(sci), _show(dry)
-    assert jobs.get("master_flat") == sci.night.nunique(), _show(dry)  # g only
+    assert jobs.get("isr") == len(sci), show(dry)
+    assert jobs.get("master_flat") == sci.night.nunique(), show(dry)  # g only
     text = dry.stdout + dry.stderr
-    assert text.count("--flat-dir none") == n_r, _show(dry)
+    assert text.count("--flat-dir none") == n_r, show(dry)
 
 
 def test_dry_run_from_repository_root():
     proc = snakemake("-n", cwd=REPO, timeout=SHORT_TIMEOUT)
-    assert proc.returncode == 0, _show(proc)
-    assert "ingest" in proc.stdout or "Nothing to be done" in proc.stdout + proc.stderr, _show(proc)
+    assert proc.returncode == 0, show(proc)
+    assert "ingest" in proc.stdout or "Nothing to be done" in proc.stdout + proc.stderr, show(proc)
 
 
 def test_lint_is_clean():
     proc = snakemake("--lint", cwd=REPO, timeout=SHORT_TIMEOUT)
-    assert proc.returncode == 0, _show(proc)
-    assert "Lints for" not in proc.stdout + proc.stderr, _show(proc)
+    assert proc.returncode == 0, show(proc)
+    assert "Lints for" not in proc.stdout + proc.stderr, show(proc)
 
 
 def test_snakefmt_is_clean():

@@ -26,6 +26,5 @@ rule all:
     default_target: True
     input:
         all_targets,
-        characterize_targets,
         calibrate_targets,
     localrule: True

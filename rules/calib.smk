@@ -1,5 +1,5 @@
 # Master calibrations: one job per validity group (bias) or group and band (flat),
-# writing one file per detector. Groups and their raw frames come from
+# writing one file per detector into the job's output directory. Groups and their raw frames come from
 # surveyred.calib.plan_calibrations via the ingest checkpoint (rules/common.smk).
 
 
@@ -7,7 +7,7 @@ rule master_bias:
     input:
         raw=master_bias_raw,
     output:
-        expand(BIAS_MASTER, det=DETECTORS, allow_missing=True),
+        directory(BIAS_DIR),
     log:
         os.path.join(LOGS, "master_bias", "{bgroup}.log"),
     benchmark:
@@ -21,7 +21,7 @@ rule master_bias:
     params:
         instrument=INSTRUMENT_ARG,
         detectors=DETECTOR_LIST,
-        outdir=output_dir,
+        outdir=lambda wildcards, output: output[0],
         cfg=CALIB_CONFIG_JSON,
     shell:
         "surveyred master-bias {input.raw:q} --instrument {params.instrument:q}"
@@ -34,7 +34,7 @@ rule master_flat:
     input:
         unpack(master_flat_inputs),
     output:
-        expand(FLAT_MASTER, det=DETECTORS, allow_missing=True),
+        directory(FLAT_DIR),
     log:
         os.path.join(LOGS, "master_flat", "{fgroup}", "{band}.log"),
     benchmark:
@@ -48,7 +48,7 @@ rule master_flat:
     params:
         instrument=INSTRUMENT_ARG,
         detectors=DETECTOR_LIST,
-        outdir=output_dir,
+        outdir=lambda wildcards, output: output[0],
         bias_dir=master_flat_bias_dir,
         cfg=CALIB_CONFIG_JSON,
     shell:

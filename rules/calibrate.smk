@@ -9,12 +9,12 @@
 
 from surveyred.jointcal import group_visits
 
-CALSRC = os.path.join(RESULTS, "calsrc", "{night}", "{visit}_{det}.parquet")
-CALWCS = os.path.join(RESULTS, "wcs", "{night}", "{visit}_{det}.fits")
+CALSRC_DIR = os.path.join(RESULTS, "calsrc", "{night}", "{visit}")
+CALWCS_DIR = os.path.join(RESULTS, "wcs", "{night}", "{visit}")
 VISIT_SUMMARY = os.path.join(RESULTS, "visit_summary", "{night}", "{visit}.parquet")
 JOINTCAL = os.path.join(RESULTS, "jointcal", "{field}", "{band}.parquet")
-# inputs: SRC_CATALOG and PSF_PRODUCT (rules/characterize.smk, included before this
-# file) and CALEXP (rules/common.smk)
+# inputs: SRC_DIR and PSF_DIR (rules/characterize.smk, included before this file)
+# and CALEXP_DIR (rules/common.smk)
 CALIBRATE_CONFIG_JSON = json.dumps(
     {
         k: v
@@ -45,39 +45,34 @@ wildcard_constraints:
 jointcal_groups = lambda: group_visits(
     {key: str(row.band) for key, row in calib_plan()[1].items()}, inventory()
 )
-jointcal_frames = lambda wildcards, pattern: [
+jointcal_frames = lambda wildcards, pattern, name: [
     path
     for night, visit in jointcal_groups()[(wildcards.field, wildcards.band)]
-    for path in expand(pattern, night=night, visit=visit, det=DETECTORS)
+    for path in per_detector(pattern.format(night=night, visit=visit), name, visit)
 ]
-# every science visit's calibrate products, and the joint fits per field and band
-calibrate_targets = (
-    lambda wildcards: [
-        path
-        for night, visit in sorted(calib_plan()[1])
-        for pattern in (CALSRC, CALWCS)
-        for path in expand(pattern, night=night, visit=visit, det=DETECTORS)
-    ]
-    + [
-        VISIT_SUMMARY.format(night=night, visit=visit)
-        for night, visit in sorted(calib_plan()[1])
-    ]
-    + (
-        [JOINTCAL.format(field=f, band=b) for f, b in sorted(jointcal_groups())]
-        if config["calibrate"]["do_jointcal"]
-        else []
-    )
+jointcal_dirs = lambda wildcards, pattern: [
+    pattern.format(night=night, visit=visit)
+    for night, visit in jointcal_groups()[(wildcards.field, wildcards.band)]
+]
+# every science visit's summary (which pulls in its calibrate job), and the joint
+# fits per field and band
+calibrate_targets = lambda wildcards: [
+    VISIT_SUMMARY.format(night=night, visit=visit) for night, visit in science_visits()
+] + (
+    [JOINTCAL.format(field=f, band=b) for f, b in sorted(jointcal_groups())]
+    if config["calibrate"]["do_jointcal"]
+    else []
 )
 
 
 rule calibrate:
     input:
-        src=expand(SRC_CATALOG, det=DETECTORS, allow_missing=True),
-        psf=expand(PSF_PRODUCT, det=DETECTORS, allow_missing=True),
-        calexp=expand(CALEXP, det=DETECTORS, allow_missing=True),
+        src=SRC_DIR,
+        psf=PSF_DIR,
+        calexp=CALEXP_DIR,
     output:
-        calsrc=expand(CALSRC, det=DETECTORS, allow_missing=True),
-        wcs=expand(CALWCS, det=DETECTORS, allow_missing=True),
+        calsrc=directory(CALSRC_DIR),
+        wcs=directory(CALWCS_DIR),
         summary=VISIT_SUMMARY,
     log:
         os.path.join(LOGS, "calibrate", "{night}", "{visit}.log"),
@@ -93,22 +88,23 @@ rule calibrate:
         instrument=INSTRUMENT_ARG,
         refcat_astrom=REFCAT_ASTROM,
         refcat_photom=REFCAT_PHOTOM,
-        outdir_calsrc=lambda wildcards, output: os.path.dirname(output.calsrc[0]),
-        outdir_wcs=lambda wildcards, output: os.path.dirname(output.wcs[0]),
+        src=visit_files(SRC_DIR, VISIT_PARQUET),
+        psf=visit_files(PSF_DIR, VISIT_FITS),
+        calexp=visit_files(CALEXP_DIR, VISIT_FITS),
         cfg=CALIBRATE_CONFIG_JSON,
     shell:
-        "surveyred calibrate --src {input.src:q} --calexp {input.calexp:q} --psf {input.psf:q}"
+        "surveyred calibrate --src {params.src:q} --calexp {params.calexp:q} --psf {params.psf:q}"
         " --refcat-astrom {params.refcat_astrom:q} --refcat-photom {params.refcat_photom:q}"
         " --instrument {params.instrument:q}"
-        " --outdir-calsrc {params.outdir_calsrc:q} --outdir-wcs {params.outdir_wcs:q}"
+        " --outdir-calsrc {output.calsrc:q} --outdir-wcs {output.wcs:q}"
         " --summary {output.summary:q} --config-json {params.cfg:q}"
         " --threads {threads} --log {log:q}"
 
 
 rule jointcal:
     input:
-        calsrc=lambda wildcards: jointcal_frames(wildcards, CALSRC),
-        wcs=lambda wildcards: jointcal_frames(wildcards, CALWCS),
+        calsrc=lambda wildcards: jointcal_dirs(wildcards, CALSRC_DIR),
+        wcs=lambda wildcards: jointcal_dirs(wildcards, CALWCS_DIR),
     output:
         JOINTCAL,
     log:
@@ -123,8 +119,10 @@ rule jointcal:
         runtime=runtime_min(20),
     params:
         refcat_astrom=REFCAT_ASTROM,
+        calsrc=lambda wildcards: jointcal_frames(wildcards, CALSRC_DIR, VISIT_PARQUET),
+        wcs=lambda wildcards: jointcal_frames(wildcards, CALWCS_DIR, VISIT_FITS),
         cfg=JOINTCAL_CONFIG_JSON,
     shell:
-        "surveyred jointcal --calsrc {input.calsrc:q} --wcs {input.wcs:q}"
+        "surveyred jointcal --calsrc {params.calsrc:q} --wcs {params.wcs:q}"
         " --refcat-astrom {params.refcat_astrom:q} --output {output:q}"
         " --config-json {params.cfg:q} --threads {threads} --log {log:q}"

@@ -63,40 +63,54 @@ wildcard_constraints:
 
 INVENTORY = os.path.join(RESULTS, "inventory.parquet")
 REJECTS = os.path.join(RESULTS, "inventory_rejects.parquet")
-BIAS_MASTER = os.path.join(RESULTS, "calib", "bias", "{bgroup}", "bias_{det}.fits")
-FLAT_MASTER = os.path.join(
-    RESULTS, "calib", "flat", "{fgroup}", "{band}", "flat_{det}.fits"
-)
-CALEXP = os.path.join(RESULTS, "calexp", "{night}", "{visit}_{det}.fits")
+# Pixel rules run one job per visit (or calibration group) and write one file per
+# detector into one directory per job: Snakemake tracks the directory, so a
+# survey-scale DAG has a few edges per job instead of a few per CCD (README,
+# "Why one job per exposure"). The files inside are named by these patterns.
+BIAS_DIR = os.path.join(RESULTS, "calib", "bias", "{bgroup}")
+FLAT_DIR = os.path.join(RESULTS, "calib", "flat", "{fgroup}", "{band}")
+CALEXP_DIR = os.path.join(RESULTS, "calexp", "{night}", "{visit}")
+BIAS_FILE = "bias_{det}.fits"
+FLAT_FILE = "flat_{det}.fits"
+VISIT_FITS = "{visit}_{det}.fits"
+VISIT_PARQUET = "{visit}_{det}.parquet"
 LOGS = os.path.join(RESULTS, "logs")
 BENCHMARKS = os.path.join(RESULTS, "benchmarks")
 
 
 def bias_dir(group):
     """Directory of the master biases of a validity group."""
-    return os.path.dirname(BIAS_MASTER.format(bgroup=group, det=0))
+    return BIAS_DIR.format(bgroup=group)
 
 
 def flat_dir(group, band):
     """Directory of the master flats of a validity group and band."""
-    return os.path.dirname(FLAT_MASTER.format(fgroup=group, band=band, det=0))
+    return FLAT_DIR.format(fgroup=group, band=band)
 
 
-def bias_masters(group):
-    return expand(BIAS_MASTER, bgroup=group, det=DETECTORS)
+def calexp_dir(night, visit):
+    return CALEXP_DIR.format(night=night, visit=visit)
 
 
-def flat_masters(group, band):
-    return expand(FLAT_MASTER, fgroup=group, band=band, det=DETECTORS)
+def per_detector(directory, name, visit=None):
+    """The per-detector files ``name`` (e.g. VISIT_FITS) inside a job's directory."""
+    return [
+        os.path.join(directory, name.format(visit=visit, det=det)) for det in DETECTORS
+    ]
 
 
-def calexps(night, visit):
-    return expand(CALEXP, night=night, visit=visit, det=DETECTORS)
+def visit_files(pattern, name):
+    """Params function: a visit's per-detector files inside directory ``pattern``."""
+    return lambda wildcards: per_detector(
+        pattern.format(night=wildcards.night, visit=wildcards.visit),
+        name,
+        wildcards.visit,
+    )
 
 
-def output_dir(wildcards, output):
-    """The directory of a rule's (per-detector) outputs, for --outdir."""
-    return os.path.dirname(output[0])
+def science_visits():
+    """Sorted ``[(night, visit)]`` of the science exposures in the inventory."""
+    return sorted(calib_plan()[1])
 
 
 # -- raw files, inventory and calibration plan -------------------------------------
@@ -193,7 +207,7 @@ def master_flat_inputs(wildcards):
     group = plan.flat_bias.get(key)
     return {
         "raw": plan.flat_groups[key],
-        "bias": bias_masters(group) if group is not None else [],
+        "bias": bias_dir(group) if group is not None else [],
     }
 
 
@@ -207,10 +221,8 @@ def isr_inputs(wildcards):
     row = science_row(wildcards)
     return {
         "raw": row.path,
-        "bias": bias_masters(row.bias_group) if _given(row.bias_group) else [],
-        "flat": (
-            flat_masters(row.flat_group, row.band) if _given(row.flat_group) else []
-        ),
+        "bias": bias_dir(row.bias_group) if _given(row.bias_group) else [],
+        "flat": flat_dir(row.flat_group, row.band) if _given(row.flat_group) else [],
     }
 
 
@@ -233,16 +245,13 @@ def _given(value):
 
 
 def all_targets(wildcards):
-    """Every master calibration and every science exposure's calexps."""
-    plan, science = calib_plan()
-    targets = [INVENTORY, REJECTS]
-    for group in sorted(plan.bias_groups):
-        targets += bias_masters(group)
-    for group, band in sorted(plan.flat_groups):
-        targets += flat_masters(group, band)
-    for night, visit in sorted(science):
-        targets += calexps(night, visit)
-    return targets
+    """The inventory and every master calibration (one path per job)."""
+    plan, _ = calib_plan()
+    return (
+        [INVENTORY, REJECTS]
+        + [bias_dir(group) for group in sorted(plan.bias_groups)]
+        + [flat_dir(group, band) for group, band in sorted(plan.flat_groups)]
+    )
 
 
 # -- resources ---------------------------------------------------------------------

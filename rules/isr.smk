@@ -1,5 +1,5 @@
 # Instrument signature removal: one job per science exposure (visit), writing one
-# calibrated exposure per detector (IMAGE, MASK, VARIANCE). The masters come from
+# calibrated exposure per detector (IMAGE, MASK, VARIANCE) into calexp/{night}/{visit}/. The masters come from
 # the calibration plan; when none is valid the input omits it, the command gets
 # "none" and fails with MissingCalibration naming the frame.
 
@@ -8,7 +8,7 @@ rule isr:
     input:
         unpack(isr_inputs),
     output:
-        expand(CALEXP, det=DETECTORS, allow_missing=True),
+        directory(CALEXP_DIR),
     log:
         os.path.join(LOGS, "isr", "{night}", "{visit}.log"),
     benchmark:
@@ -25,7 +25,7 @@ rule isr:
         band=isr_band,
         bias_dir=isr_bias_dir,
         flat_dir=isr_flat_dir,
-        outdir=output_dir,
+        outdir=lambda wildcards, output: output[0],
         cfg=ISR_CONFIG_JSON,
     shell:
         "surveyred isr {input.raw:q} --instrument {params.instrument:q}"

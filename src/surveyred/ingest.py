@@ -25,7 +25,11 @@ file name without its FITS suffix; characters outside ``[A-Za-z0-9_.-]``
 become ``_``), ``obstype`` (bias, flat, dark, science), ``physical_filter``,
 ``band`` (null when unknown for bias/dark), ``exptime`` (s), ``date_obs``
 (ISO UTC), ``mjd``, ``night`` (``YYYYMMDD``, see :func:`night_of`), ``ra``,
-``dec`` (deg), ``airmass``, ``object``, ``raw_ny``, ``raw_nx``.
+``dec`` (deg), ``airmass``, ``object``, ``raw_ny``, ``raw_nx``, ``corner_ra``,
+``corner_dec`` (deg: the four corners of the raw HDU's pixel grid through its
+header WCS, counter-clockwise from pixel (0, 0); NaN without a celestial WCS).
+The corners let the workflow assign each exposure to the sky patches it touches
+before any pixel is processed (:mod:`surveyred.footprint`).
 
 Rejects columns: ``path``, ``hdu`` (null for whole-file problems),
 ``failure_class``, ``message``.
@@ -39,6 +43,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +51,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.wcs import WCS
 
 from . import __version__, fitsio
 from .errors import (
@@ -86,6 +93,8 @@ INVENTORY_SCHEMA = pa.schema(
         ("object", pa.string()),
         ("raw_ny", pa.int64()),
         ("raw_nx", pa.int64()),
+        ("corner_ra", pa.list_(pa.float64(), 4)),
+        ("corner_dec", pa.list_(pa.float64(), 4)),
     ]
 )
 
@@ -377,6 +386,27 @@ def _raw_shape(header) -> tuple[int, int] | None:
     return int(header["NAXIS2"]), int(header["NAXIS1"])
 
 
+def _header_corners(header, primary, shape: tuple[int, int]) -> dict[str, list[float]]:
+    """Sky corners of a raw HDU through its header WCS (NaN when it has none)."""
+    nan = [math.nan] * 4
+    merged = fits.Header(primary)
+    merged.update(header)
+    if not str(merged.get("CTYPE1", "")).startswith("RA-"):
+        return {"corner_ra": nan, "corner_dec": nan}
+    ny, nx = shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wcs = WCS(merged, naxis=2, relax=True, fix=False)
+            ra, dec = wcs.all_pix2world([0.0, nx - 1.0, nx - 1.0, 0.0], [0.0, 0.0, ny - 1.0, ny - 1.0], 0)
+    except Exception:  # noqa: BLE001 - a broken header WCS only loses the footprint
+        return {"corner_ra": nan, "corner_dec": nan}
+    ra, dec = [float(v) for v in ra], [float(v) for v in dec]
+    if not all(math.isfinite(v) for v in ra + dec):
+        return {"corner_ra": nan, "corner_dec": nan}
+    return {"corner_ra": ra, "corner_dec": dec}
+
+
 def _reject(path: str, hdu: int | None, exc: SurveyredError) -> dict[str, Any]:
     return {"path": path, "hdu": hdu, "failure_class": exc.failure_class, "message": " ".join(str(exc).split())}
 
@@ -439,6 +469,7 @@ def inspect_file(
             **meta,
             "raw_ny": shape[0],
             "raw_nx": shape[1],
+            **_header_corners(header, primary, shape),
         })
 
     if failures:

@@ -1,4 +1,5 @@
-# surveyred: raw mosaic CCD exposures -> inventory -> master calibrations -> ISR.
+# surveyred: raw mosaic CCD exposures -> inventory -> master calibrations -> ISR ->
+# characterize -> calibrate -> warp -> coadd -> coadd catalogs -> forced photometry.
 # Thin on purpose: configuration, validation, the rule files and the target.
 # Pixel rules run one job per exposure (or calibration group) and write one file
 # per detector; see README.md ("Why one job per exposure").
@@ -20,6 +21,7 @@ include: "rules/calib.smk"
 include: "rules/isr.smk"
 include: "rules/characterize.smk"
 include: "rules/calibrate.smk"
+include: "rules/coadd.smk"
 
 
 rule all:
@@ -27,4 +29,5 @@ rule all:
     input:
         all_targets,
         calibrate_targets,
+        coadd_targets,
     localrule: True

@@ -68,6 +68,31 @@ NIGHTS_PER_SEASON = 40
 BIAS_PER_NIGHT = 5
 FLATS_PER_BAND = 5
 FLAT_BANDS_PER_NIGHT = 2
+# MegaCam: 9 x 4 CCDs of 2048 x 4612 pixels at 0.187"/pixel, about 80-pixel gaps;
+# D3 centred at (214.9, 52.7) with dithers of up to 2 arcmin.
+FIELD = (214.9, 52.7)
+PIXEL_SCALE = 0.187
+CCD = (2048, 4612)
+GAP = 80
+DITHER_ARCMIN = 2.0
+# the tract/patch geometry the README recommends for MegaCam
+SKYMAP = {"pixel_scale": 0.2, "patch_size": 4000, "patch_overlap": 100, "n_patches": 9}
+
+
+def ccd_corners(det: int, ra0: float, dec0: float) -> tuple[list[float], list[float]]:
+    """Sky corners of MegaCam CCD ``det`` (9 columns x 4 rows) for boresight (ra0, dec0)."""
+    import numpy as np
+
+    from surveyred.sky import tan_deproject
+
+    col, row = det % 9, det // 9
+    cx = (col - 4) * (CCD[0] + GAP)
+    cy = (row - 1.5) * (CCD[1] + GAP)
+    hx, hy = CCD[0] / 2.0, CCD[1] / 2.0
+    x = np.array([cx - hx, cx + hx, cx + hx, cx - hx])
+    y = np.array([cy - hy, cy - hy, cy + hy, cy + hy])
+    ra, dec = tan_deproject(-x * PIXEL_SCALE / 3600.0, y * PIXEL_SCALE / 3600.0, ra0, dec0)
+    return [float(v) for v in np.atleast_1d(ra)], [float(v) for v in np.atleast_1d(dec)]
 
 
 def build_survey(root: Path, scale: float = 1.0) -> dict:
@@ -87,9 +112,20 @@ def build_survey(root: Path, scale: float = 1.0) -> dict:
     odometer = 700000
     n_files = 0
 
+    import random
+
+    rng = random.Random(3)
+    nan4 = [float("nan")] * 4
+
     def exposure(night: dt.date, obstype: str, band: str | None, k: int, exptime: float):
         nonlocal odometer, n_files
         odometer += 1
+        science = obstype == "science"
+        if science:
+            import math
+
+            ra0 = FIELD[0] + rng.uniform(-DITHER_ARCMIN, DITHER_ARCMIN) / 60.0 / math.cos(math.radians(FIELD[1]))
+            dec0 = FIELD[1] + rng.uniform(-DITHER_ARCMIN, DITHER_ARCMIN) / 60.0
         visit = str(odometer)
         night_s = night.strftime("%Y%m%d")
         path = raw / night_s / f"{visit}o.fits"
@@ -104,9 +140,11 @@ def build_survey(root: Path, scale: float = 1.0) -> dict:
                 "detector_name": f"ccd{det:02d}", "visit": visit, "obstype": obstype,
                 "physical_filter": FILTERS[band] if band else None, "band": band,
                 "exptime": exptime, "date_obs": t.isoformat(), "mjd": mjd, "night": night_s,
-                "ra": 214.9 if obstype == "science" else None, "dec": 52.7 if obstype == "science" else None,
-                "airmass": 1.2, "object": "D3" if obstype == "science" else obstype.upper(),
+                "ra": ra0 if science else None, "dec": dec0 if science else None,
+                "airmass": 1.2, "object": "D3" if science else obstype.upper(),
                 "raw_ny": 4644, "raw_nx": 2112,
+                **(dict(zip(("corner_ra", "corner_dec"), ccd_corners(det, ra0, dec0))) if science
+                   else {"corner_ra": nan4, "corner_dec": nan4}),
             })
 
     for i, night in enumerate(nights):
@@ -221,7 +259,10 @@ def main(argv=None) -> int:
               f"{counts['nights']} nights ({time.monotonic() - t0:.1f} s to write)", flush=True)
         work = root / "work"
         cfg = root / "config.yaml"
-        cfg.write_text(f"instrument: megacam\nraw_dir: {root / 'raw'}\nresults_dir: results\n")
+        import yaml
+
+        cfg.write_text(yaml.safe_dump({"instrument": "megacam", "raw_dir": str(root / "raw"),
+                                       "results_dir": "results", "skymap": SKYMAP}))
         smk = [sys.executable, "-m", "snakemake"]
         if args.profile_python:
             smk = [sys.executable, "-m", "cProfile", "-o", str(root / "dag.prof"), "-m", "snakemake"]

@@ -5,6 +5,7 @@
 import functools
 import json
 import os
+import shlex
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
@@ -265,3 +266,175 @@ def mem_mb(base):
 
 def runtime_min(base):
     return lambda wildcards, attempt: base * attempt
+
+
+# -- skymap: tracts, patches and the exposures of each coadd ------------------------
+# Computed from the inventory (header-WCS corners, surveyred.footprint) when the DAG
+# is built, so a coadd job depends only on the exposures that overlap its patch.
+
+EXCLUDED_VISITS = {str(v) for v in config["exclude_visits"]}
+SKYMAP_JSON = json.dumps(
+    {
+        k: config["skymap"][k]
+        for k in ("pixel_scale", "patch_size", "patch_overlap", "n_patches")
+    },
+    sort_keys=True,
+)
+
+
+def _excluded(night, visit):
+    return visit in EXCLUDED_VISITS or f"{night}/{visit}" in EXCLUDED_VISITS
+
+
+@functools.lru_cache(maxsize=4)
+def _sky_index(path, mtime_ns, size, skymap_json, pinned_json, margin):
+    from surveyred.footprint import field_tracts, skymap_config, visit_patches
+
+    inv = _read_inventory(path, mtime_ns, size)
+    science = inv[inv["obstype"] == "science"]
+    try:
+        tracts = field_tracts(
+            science, skymap_config(json.loads(skymap_json)), json.loads(pinned_json)
+        )
+    except SurveyredError as exc:
+        raise WorkflowError(f"config 'skymap': {exc}") from exc
+    patches = visit_patches(science, tracts, margin_arcsec=margin)
+    band = {
+        (str(n), str(v)): str(b)
+        for n, v, b in zip(science["night"], science["visit"], science["band"])
+    }
+    coadds = {}  # (tract, patch, band) -> [(night, visit)]
+    for key, (tract, pids) in sorted(patches.items()):
+        if _excluded(*key):
+            continue
+        for pid in pids:
+            coadds.setdefault((str(tract), pid, band[key]), []).append(key)
+    by_id = {str(t.id): t for t in tracts.values()}
+    return by_id, patches, coadds
+
+
+def sky_index():
+    """``(tracts by id, {(night, visit): (tract, [patch])}, {(tract, patch, band): [(night, visit)]})``."""
+    return _sky_index(
+        *_inventory_key(),
+        SKYMAP_JSON,
+        json.dumps(config["skymap"]["tracts"], sort_keys=True),
+        float(config["skymap"]["footprint_margin_arcsec"]),
+    )
+
+
+def coadd_keys():
+    """Sorted ``[(tract, patch, band)]`` of the coadds to build."""
+    return sorted(sky_index()[2])
+
+
+def patch_keys():
+    """Sorted ``[(tract, patch)]`` with at least one coadd."""
+    return sorted({(t, p) for t, p, _ in coadd_keys()})
+
+
+def tract_json(tract):
+    t = sky_index()[0][str(tract)]
+    return json.dumps({"id": t.id, "ra": t.ra, "dec": t.dec}, sort_keys=True)
+
+
+def visit_tract_patches(wildcards):
+    """``(tract, [patch])`` of a visit (from its header-WCS footprint)."""
+    return sky_index()[1].get((wildcards.night, wildcards.visit), (None, []))
+
+
+def coadd_visits(wildcards):
+    key = (wildcards.tract, wildcards.patch, wildcards.band)
+    try:
+        return sky_index()[2][key]
+    except KeyError:
+        raise WorkflowError(
+            f"no exposure of band {wildcards.band} touches patch {wildcards.patch} of "
+            f"tract {wildcards.tract}"
+        ) from None
+
+
+def forced_visits():
+    """Science visits measured by forced photometry: not excluded, on a coadded patch."""
+    _, patches, coadds = sky_index()
+    done = {(t, p) for t, p, _ in coadds}
+    return [
+        (n, v)
+        for n, v in science_visits()
+        if not _excluded(n, v)
+        and any(
+            (str(patches[(n, v)][0]), p) in done
+            for p in patches.get((n, v), (0, []))[1]
+        )
+    ]
+
+
+def forced_nights():
+    return sorted({n for n, _ in forced_visits()})
+
+
+def night_visits(wildcards):
+    return [v for n, v in forced_visits() if n == wildcards.night]
+
+
+def night_dirs(wildcards, pattern):
+    return [
+        pattern.format(night=wildcards.night, visit=v) for v in night_visits(wildcards)
+    ]
+
+
+def visit_objects(night, visit):
+    """The coadd catalogs of the coadded patches a visit touches."""
+    _, patches, coadds = sky_index()
+    tract, pids = patches[(night, visit)]
+    done = {(t, p) for t, p, _ in coadds}
+    return [(str(tract), p) for p in pids if (str(tract), p) in done]
+
+
+def night_patches(wildcards):
+    return sorted(
+        {
+            tp
+            for v in night_visits(wildcards)
+            for tp in visit_objects(wildcards.night, v)
+        }
+    )
+
+
+def forced_script(wildcards, input, outdir, threads, cfg):
+    """Shell commands of one night's forced photometry: one surveyred call per visit.
+
+    Each call logs to logs/forced_photometry/{night}/{visit}.log, like the
+    per-visit rules; the first failure stops the job (set -e).
+    """
+    q = shlex.quote
+    night = wildcards.night
+    logdir = os.path.join(LOGS, "forced_photometry", night)
+    lines = ["set -euo pipefail", f"mkdir -p {q(outdir)} {q(logdir)}"]
+    positions = f" --positions {q(input.positions)}" if input.positions else ""
+    for visit in night_visits(wildcards):
+        files = {
+            kind: " ".join(
+                q(f)
+                for f in per_detector(
+                    pattern.format(night=night, visit=visit), name, visit
+                )
+            )
+            for kind, pattern, name in (
+                ("calexp", CALEXP_DIR, VISIT_FITS),
+                ("wcs", CALWCS_DIR, VISIT_FITS),
+                ("psf", PSF_DIR, VISIT_FITS),
+            )
+        }
+        objects = " ".join(
+            q(COADD_CAT.format(tract=t, patch=p))
+            for t, p in visit_objects(night, visit)
+        )
+        lines.append(
+            f"surveyred forced-phot --calexp {files['calexp']} --wcs {files['wcs']}"
+            f" --psf {files['psf']} --objects {objects}{positions}"
+            f" --output {q(os.path.join(outdir, visit + '.parquet'))}"
+            f" --config-json {q(cfg)} --threads {threads}"
+            f" --log {q(os.path.join(logdir, visit + '.log'))}"
+        )
+    return "\n".join(lines)

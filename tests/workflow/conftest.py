@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from wf_support import show, workflow
+from wf_support import show, tiny_config, workflow
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def tiny_run(tiny_survey, tmp_path_factory):
     workdir = base / "work"
     workdir.mkdir()
     configfile = base / "config.yaml"
-    configfile.write_text(yaml.safe_dump({"raw_dir": str(raw), "results_dir": "results"}))
+    configfile.write_text(yaml.safe_dump(tiny_config(tiny_survey, raw)))
     proc = workflow("--cores", "2", workdir=workdir, configfile=configfile)
     assert proc.returncode == 0, show(proc)
     return {"raw": raw, "workdir": workdir, "results": workdir / "results", "configfile": configfile}

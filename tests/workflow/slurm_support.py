@@ -157,7 +157,7 @@ def make_workdir(base: Path, raw: Path) -> tuple[Path, Path]:
 
 
 def calexp_targets(results: Path, night: str | None = None) -> list[str]:
-    """The calexp files of every science exposure (of one night), as targets.
+    """The calexp directories of every science exposure (of one night), as targets.
 
     Runs after the first need explicit targets: `--omit-from` also drops rule
     `all`, so without targets there is nothing to do once ingest has run.
@@ -168,7 +168,7 @@ def calexp_targets(results: Path, night: str | None = None) -> list[str]:
     sci = inv[inv.obstype == "science"]
     if night is not None:
         sci = sci[sci.night == night]
-    return sorted(f"{results.name}/calexp/{r.night}/{r.visit}_{r.detector}.fits" for r in sci.itertuples())
+    return sorted({f"{results.name}/calexp/{r.night}/{r.visit}" for r in sci.itertuples()})
 
 
 def products(results: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -38,10 +39,10 @@ def ref(tmp_path_factory, tiny_survey):
 
 def _remove_first_night(results: Path) -> tuple[Path, list[Path]]:
     night = sorted(p for p in (results / "calexp").iterdir() if p.is_dir())[0]
-    removed = sorted(night.glob("*.fits"))
+    removed = sorted(night.rglob("*.fits"))
     assert len(removed) >= 8, removed  # >= 2 visits x 4 detectors
-    for path in removed:
-        path.unlink()
+    for visit_dir in [p for p in night.iterdir() if p.is_dir()]:
+        shutil.rmtree(visit_dir)
     return night, removed
 
 
@@ -57,7 +58,7 @@ def _squeue_state(jobid: str) -> str:
 
 
 def _tmp_files(night: Path) -> list[Path]:
-    return sorted(night.glob(".*.tmp"))
+    return sorted(night.rglob(".*.tmp"))
 
 
 def _assert_identical(results: Path, ref: dict):
@@ -77,7 +78,7 @@ def test_a_scancel_mid_write_then_rerun_incomplete(ref, tmp_path, capsys):
     try:
         jobid = ss.wait_until(lambda: _group_job(log), 180, "the ISR group job's sbatch")
         # the moment the job writes its first product (temporary file or a renamed one)
-        ss.wait_until(lambda: _tmp_files(night) or list(night.glob("*.fits")), 300,
+        ss.wait_until(lambda: _tmp_files(night) or list(night.rglob("*.fits")), 300,
                       "the first product of the ISR group job", poll=0.02)
         # SIGKILL to the job's running step (the ISR command under its Snakemake
         # job step): the step dies mid-write and the job ends FAILED. (`scancel
@@ -94,14 +95,15 @@ def test_a_scancel_mid_write_then_rerun_incomplete(ref, tmp_path, capsys):
     text = log.read_text()
     assert proc.returncode != 0, text[-4000:]
     assert "Error in rule isr" in text, text[-4000:]
-    left = sorted(night.glob("*.fits"))
+    left = sorted(night.rglob("*.fits"))
     orphans = _tmp_files(night)
     with capsys.disabled():
         print(f"\n[restart a] scancel --signal=KILL {steps[-1]}: {len(left)} of {len(removed)} calexps of {night.name} left, "
               f"{len(orphans)} orphaned temporary file(s) {[p.name for p in orphans]}")
     assert len(left) < len(removed), "the job finished before it was cancelled"
-    # no truncated product under a final name: every left file is complete and
-    # exactly what the uninterrupted run wrote
+    # no truncated product under a final name: Snakemake removes the failed job's
+    # output directory; any file left is complete and exactly what the
+    # uninterrupted run wrote
     for path in left:
         open_fits(path).close()
         key = str(path.relative_to(results))

@@ -54,7 +54,7 @@ def test_profile_run_products(slurm_run):
     sci = inv[inv.obstype == "science"]
     assert sci.visit.nunique() == 8
     for row in sci.itertuples():
-        path = results / "calexp" / row.night / f"{row.visit}_{row.detector}.fits"
+        path = results / "calexp" / row.night / row.visit / f"{row.visit}_{row.detector}.fits"
         with fits.open(path) as hdul:
             assert [h.name for h in hdul][1:4] == ["IMAGE", "MASK", "VARIANCE"], path
     # logs where the README says: rule logs under results/logs, Slurm's under .snakemake/slurm_logs

@@ -9,6 +9,7 @@ ignores).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,51 @@ def test_second_dry_run_has_nothing_to_do(tiny_run):
     proc = workflow("-n", workdir=tiny_run["workdir"], configfile=tiny_run["configfile"], timeout=SHORT_TIMEOUT)
     assert proc.returncode == 0, show(proc)
     assert "Nothing to be done" in proc.stdout + proc.stderr, show(proc)
+
+
+def test_coadds_forced_photometry_and_light_curves(tiny_run):
+    results = tiny_run["results"]
+    sci = _science(results)
+    bands = sorted(sci.band.unique())
+    coadds = sorted((results / "coadd").rglob("*.fits"))
+    # every band on every patch of the 2 x 2 tract (the tiny field covers all four)
+    assert sorted({p.stem for p in coadds}) == bands
+    assert len(coadds) == 4 * len(bands)
+    with fits.open(coadds[0]) as hdul:
+        cards = {**hdul[0].header}
+        assert "SRVERSN" in cards and cards.get("SRSTEP") == "coadd", cards.get("SRSTEP")
+    assert len(list((results / "coadd_cat").rglob("*.parquet"))) == 4
+    forced = sorted((results / "forced").rglob("*.parquet"))
+    assert len(forced) == sci.visit.nunique()
+    assert (results / "lightcurves" / "lightcurves.parquet").exists()
+    # warps are temporary: gone once every coadd exists
+    assert not any((results / "warp").rglob("*.fits")) if (results / "warp").exists() else True
+
+
+def test_excluding_an_exposure_reruns_only_what_it_touched(tiny_run, tmp_path):
+    """The exclusion list drops a visit from the coadds it touched, and only those rerun."""
+    results = tiny_run["results"]
+    sci = _science(results)
+    g_visits = sorted(sci[sci.band == "g"].visit.unique())
+    bad = g_visits[0]
+    cfg = yaml.safe_load(tiny_run["configfile"].read_text())
+    cfg["exclude_visits"] = [str(bad)]
+    configfile = tmp_path / "exclude.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    dry = workflow("-n", "-p", workdir=tiny_run["workdir"], configfile=configfile, timeout=SHORT_TIMEOUT)
+    assert dry.returncode == 0, show(dry)
+    jobs = planned_jobs(dry)
+    text = dry.stdout + dry.stderr
+    # nothing upstream of the warps reruns, and no r-band coadd
+    assert set(jobs) <= {"warp", "coadd", "coadd_catalog", "forced_photometry", "lightcurves", "all"}, jobs
+    outputs = re.findall(r"output: (\S*coadd/\S+\.fits)", text)
+    assert outputs and all(o.endswith("/g.fits") for o in outputs), outputs
+    assert jobs["coadd"] == 4 and jobs["coadd_catalog"] == 4, jobs
+    # the warps are temporary, so the other g visits are warped again; the bad one is not
+    assert jobs["warp"] == len(g_visits) - 1, jobs
+    assert f"warp/{sci[sci.visit == bad].night.iloc[0]}/{bad}" not in text
+    # its forced photometry is no longer a product
+    assert f"/{bad}.parquet" not in " ".join(re.findall(r"--output (\S+)", text))
 
 
 def test_bad_raw_files_are_rejected_and_reingest_reruns_nothing_else(tiny_run):

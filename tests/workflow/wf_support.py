@@ -59,3 +59,20 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 def show(proc: subprocess.CompletedProcess) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-12000:]}"
+
+
+def tiny_config(survey: Path, raw: Path, **extra) -> dict:
+    """Workflow configuration for the tiny simulated survey at ``survey`` (raw frames in ``raw``).
+
+    Its own reference catalog, and a skymap of 2 x 2 patches of 1000 pixels at
+    0.4"/pixel (the tiny field is about 7.5' square, so every exposure touches all
+    four patches).
+    """
+    cfg = {
+        "raw_dir": str(raw),
+        "results_dir": "results",
+        "refcat": {"store": str(survey / "refcat"), "astrometric": "sim", "photometric": "sim"},
+        "skymap": {"pixel_scale": 0.4, "patch_size": 1000, "patch_overlap": 50, "n_patches": 2},
+    }
+    cfg.update(extra)
+    return cfg

@@ -559,3 +559,57 @@ def test_placeholder_hdus_keep_hdu_numbers(tmp_path):
         assert [h.name for h in hdul] == ["PRIMARY", "S00", "S01", "S10"]
         assert hdul[1].header["SIMSKIP"] is True and hdul[1].data is None
         assert hdul[3].data.shape == (528, 560)
+
+
+# -- satellite trail -----------------------------------------------------------------------------
+
+
+def test_satellite_trail_pixels_truth_and_own_random_stream():
+    """A trail leaves every other electron of its frame unchanged (own random stream) and adds
+    Poisson(R T) electrons: the excess along it matches the truth profile within noise."""
+    inst = load_instrument("simcam")
+    plan = sim.plan_survey(inst, "coadd", 2)
+    p = sim.get_preset("coadd")
+    spec = next(s for s in plan if s.obstype == "science" and p.trail.matches(s, inst.detector(1), p.bands))
+    assert (spec.night_index, spec.band, spec.visit_in_night) == (1, "g", 1)
+    assert not any(p.trail.matches(s, inst.detector(0), p.bands) for s in plan)
+    assert sum(p.trail.matches(s, inst.detector(1), p.bands) for s in plan) == 1
+    model = sim.CameraModel(inst, 2)
+    det = inst.detector(1)
+    cat = sim.make_catalog(model, [det])
+    plain = sim.render_frame(model, spec, det, cat)
+    with_trail = sim.render_frame(model, spec, det, cat, trail=p.trail)
+    assert plain.trail is None and with_trail.trail is not None
+    timg, (x0, y0, x1, y1) = sim.trail_image(det.shape, p.trail)
+    tmask = (with_trail.mask & masks.TRAIL) != 0
+    off = timg * model.response(det, spec.band) < 1e-3  # no trail electron expected there
+    # away from the trail the electrons are those of the frame without it, bit for bit
+    assert np.array_equal(with_trail.electrons[off], plain.electrons[off])
+    assert np.array_equal(with_trail.mask & ~np.uint8(masks.TRAIL), plain.mask)
+    assert np.array_equal(tmask, timg >= p.trail.peak_e * np.exp(-4.5))
+    # the excess electrons (off saturated pixels) are Poisson(R T): sum and per-pixel scatter
+    sat = ((with_trail.mask | plain.mask) & masks.SAT) != 0
+    sel = tmask & ~sat
+    excess = (with_trail.electrons - plain.electrons)[sel].astype(np.float64)
+    expect = (timg * model.response(det, spec.band))[sel].astype(np.float64)
+    pull = (excess.sum() - expect.sum()) / np.sqrt(expect.sum())
+    chi2 = np.mean((excess - expect) ** 2 / expect)
+    print(f"trail: {sel.sum()} px, excess {excess.sum():.0f} e- vs {expect.sum():.0f} expected (pull {pull:+.2f}), "
+          f"per-pixel chi2 {chi2:.3f}")
+    assert abs(pull) < 4 and abs(chi2 - 1) < 0.1
+    row = with_trail.trail
+    assert (row["x0"], row["y0"], row["x1"], row["y1"]) == (x0, y0, x1, y1)
+    assert row["n_trail_px"] == tmask.sum() and row["line_flux_e"] == pytest.approx(250 * np.sqrt(2 * np.pi) * 1.3)
+    # the endpoints on the sky lie on the true WCS
+    w = WCS(fits.Header.fromstring(sim.wcs_header_string(model, spec, det, true=True), sep="\n"))
+    ra, dec = w.all_pix2world([x0, x1], [y0, y1], 0)
+    assert np.allclose([row["ra0"], row["ra1"]], ra, atol=1e-9) and np.allclose([row["dec0"], row["dec1"]], dec,
+                                                                                  atol=1e-9)
+    # the centre line's surface brightness is peak_e over exptime per pixel area, on the exposure's zp
+    assert row["sb_mag_arcsec2"] == pytest.approx(spec.zp - 2.5 * np.log10(250 / 60 / 0.16))
+
+
+def test_presets_without_trail_write_an_empty_trail_table(tiny):
+    t = pd.read_parquet(tiny["out"] / "truth" / "trail.parquet")
+    assert len(t) == 0 and {"visit", "detector", "x0", "ra0", "peak_e"} <= set(t.columns)
+    assert sim.get_preset("tiny").trail is None and sim.get_preset("demo").trail is not None

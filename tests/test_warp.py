@@ -332,3 +332,79 @@ def test_2mass_warp_vs_reproject_and_star_flux(shared_real_dir):
           f"max |ratio-1| {np.max(np.abs(ratio - 1)):.4f}")
     assert abs(np.median(ratio) - 1) < 0.01
     assert np.percentile(np.abs(ratio - 1), 90) < 0.01
+
+
+# -- the warp command: detectors of a visit onto a patch, on the nJy zero-point --------------------
+
+
+def _write_calexp_and_wcs(tmp_path, det, wcs, image, *, zp, exptime, status="ok"):
+    from astropy.io import fits
+
+    from surveyred.fitsio import exposure_hdus
+
+    ph = fits.Header()
+    for k, v in (("VISIT", "77"), ("NIGHT", "20240101"), ("BAND", "g"), ("DETECTOR", det), ("EXPTIME", exptime),
+                 ("MJD-OBS", 60310.25)):
+        ph[k] = v
+    var = np.full(image.shape, 25.0, np.float32)
+    hdul = exposure_hdus(image, np.zeros(image.shape, np.int32), var, primary_header=ph,
+                         image_header=wcs.to_header())
+    cpath = tmp_path / f"77_{det}.fits"
+    hdul.writeto(cpath)
+    wh = wcs.to_header()
+    for k, v in (("VISIT", "77"), ("DETECTOR", det), ("BAND", "g"), ("ZP", zp), ("STATUS", status),
+                 ("FAILCLS", "" if status == "ok" else "NoReferenceMatch")):
+        wh[k] = v
+    wpath = tmp_path / "wcs" / f"77_{det}.fits"
+    wpath.parent.mkdir(exist_ok=True)
+    fits.PrimaryHDU(header=wh).writeto(wpath)
+    return cpath, wpath
+
+
+def test_warp_command_puts_detectors_on_njy(tmp_path):
+    """Two detectors side by side (one not absolutely calibrated) warped onto one patch: a star of
+    F electrons becomes F / EXPTIME * 10**(0.4 (31.4 - ZP)) nJy (to 0.1 %), the skipped detector leaves
+    NO_DATA, and the manifest says why."""
+    import json
+
+    from astropy.io import fits
+
+    from surveyred.skymap import SkymapConfig, make_tracts
+    from surveyred.warpcmd import BackgroundOptions, warp_visit
+
+    # tract pixels finer than the detector's (0.2 vs 0.25 arcsec): Lanczos interpolation onto a coarser
+    # grid is not flux-conserving to better than ~0.5 % for a FWHM of 3.8 px (aliasing; see the report)
+    tract = make_tracts([(150.0, 2.0)], config=SkymapConfig(pixel_scale=0.2, patch_size=250, patch_overlap=10,
+                                                             n_patches=2))[0]
+    shape = (120, 150)
+    zp, exptime, flux_e = 27.3, 45.0, 2.0e5
+    img0 = gaussian_star(shape, 70.3, 55.6, 1.6, flux_e)
+    w0 = tan_wcs([150.0, 2.0], [180.0, 80.0], 0.25, rot_deg=7.0)   # left of the tract centre
+    w1 = tan_wcs([150.0, 2.0], [-40.0, 80.0], 0.25, rot_deg=7.0)   # right of it
+    c0, p0 = _write_calexp_and_wcs(tmp_path, 0, w0, img0, zp=zp, exptime=exptime)
+    c1, p1 = _write_calexp_and_wcs(tmp_path, 1, w1, gaussian_star(shape, 60, 60, 1.6, flux_e), zp=zp + 0.5,
+                                   exptime=exptime, status="not_absolutely_calibrated")
+    man = warp_visit([c0, c1], [p0, p1], tract=tract, patches=["0,0", "0,1", "1,1", "1,0"], outdir=tmp_path / "out",
+                     background=BackgroundOptions(subtract=False))
+    assert man["detectors"]["1"]["status"] == "skipped" and "not_absolutely_calibrated" in man["detectors"]["1"]["reason"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == man
+    written = {k: v for k, v in man["patches"].items() if v["status"] == "written"}
+    assert written and all(v["detectors"] == [0] for v in written.values())
+    # the star lies at the tract centre's lower left: find it in the written patches
+    ra, dec = w0.pixel_to_world_values(70.3, 55.6)
+    tx, ty = tract.wcs.world_to_pixel_values(ra, dec)
+    pid = f"{int((tx + 0.5) // 250)},{int((ty + 0.5) // 250)}"
+    assert pid in written
+    w = read_warp(tmp_path / "out" / written[pid]["file"])
+    px, py = tract.patch(pid).wcs.world_to_pixel_values(ra, dec)
+    box = w.image[int(py) - 15:int(py) + 16, int(px) - 15:int(px) + 16]
+    expect = flux_e / exptime * 10 ** (0.4 * (31.4 - zp))
+    print(f"warp command: star {np.nansum(box):.1f} nJy vs {expect:.1f} expected ({np.nansum(box) / expect - 1:+.2e})")
+    assert np.nansum(box) == pytest.approx(expect, rel=1e-3)
+    with fits.open(tmp_path / "out" / written[pid]["file"]) as h:
+        assert h[0].header["ZPCOMMON"] == 31.4 and h["IMAGE"].header["BUNIT"] == "nJy"
+        assert h["VARIANCE"].header["BUNIT"] == "nJy2" and h[0].header["DETLIST"] == "0"
+    # pixels only detector 1 would cover stay NO_DATA: nothing from it anywhere
+    for v in written.values():
+        m = read_warp(tmp_path / "out" / v["file"]).mask
+        assert v["n_valid"] == int(np.count_nonzero((m & masks.NO_DATA) == 0))

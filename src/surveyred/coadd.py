@@ -477,8 +477,12 @@ def coadd(warps: Sequence, *, config: CoaddConfig = CoaddConfig(), psf_fwhm: Seq
     return Coadd(out[0], out[1], out[2], out[3], table)
 
 
-def write_coadd(path: str | os.PathLike, result: Coadd, wcs=None, *, header=None) -> None:
-    """Write a coadd: PRIMARY, IMAGE, MASK, VARIANCE, NIMAGE, INPUTS (atomically)."""
+def write_coadd(path: str | os.PathLike, result: Coadd, wcs=None, *, header=None, bunit: str | None = None) -> None:
+    """Write a coadd: PRIMARY, IMAGE, MASK, VARIANCE, NIMAGE, INPUTS (atomically).
+
+    ``bunit`` sets the IMAGE unit (``"nJy"`` for coadds on the 31.4 zero-point;
+    VARIANCE gets ``bunit + "2"``); None keeps ``electron``.
+    """
     from astropy.io import fits
 
     from .fitsio import exposure_hdus, write_hdulist
@@ -486,6 +490,9 @@ def write_coadd(path: str | os.PathLike, result: Coadd, wcs=None, *, header=None
     img_header = wcs.to_header(relax=True) if wcs is not None else None
     hdul = exposure_hdus(result.image, result.mask, result.variance, primary_header=header,
                          image_header=img_header)
+    from .warp import _set_bunit
+
+    _set_bunit(hdul, bunit)
     hdul.append(fits.ImageHDU(result.nimage.astype(np.int16), header=img_header, name="NIMAGE"))
     hdul.append(fits.table_to_hdu(result.inputs))
     hdul[-1].name = "INPUTS"

@@ -87,6 +87,14 @@ class PoorAstrometricFit(SurveyredError):
     """The astrometric fit converged but its scatter exceeds the configured limit."""
 
 
+class MissingInput(SurveyredError):
+    """An input that the job's inputs promise is absent: a manifest, a listed file, a detector's product."""
+
+
+class InconsistentInput(SurveyredError):
+    """Inputs that must agree do not: another band, tract, patch, visit or pixel grid."""
+
+
 FAILURE_CLASSES = (
     "ConfigError",
     "InstrumentError",
@@ -102,4 +110,6 @@ FAILURE_CLASSES = (
     "NoReferenceMatch",
     "TooFewMatches",
     "PoorAstrometricFit",
+    "MissingInput",
+    "InconsistentInput",
 )

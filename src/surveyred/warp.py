@@ -308,8 +308,15 @@ def warp_exposure(image, variance, mask, in_wcs: WCS, out_wcs: WCS, out_shape, *
 
 # -- FITS ----------------------------------------------------------------------------
 
-def write_warp(path: str | os.PathLike, warp: Warp, *, header: fits.Header | None = None) -> None:
-    """Write a warp as PRIMARY, IMAGE (with the output WCS), MASK, VARIANCE (atomically)."""
+def write_warp(path: str | os.PathLike, warp: Warp, *, header: fits.Header | None = None,
+               bunit: str | None = None) -> None:
+    """Write a warp as PRIMARY, IMAGE (with the output WCS), MASK, VARIANCE (atomically).
+
+    ``bunit``: the image unit (e.g. ``"nJy"`` on the 31.4 zero-point; the
+    variance gets ``bunit + "2"``); ``""`` removes the unit; None keeps the
+    calexp's ``electron``.  ``WARPSCL`` records ``warp.scale`` (for a warp of
+    several detectors, the command records their median).
+    """
     from .fitsio import exposure_hdus, write_hdulist
 
     primary = fits.Header() if header is None else header.copy()
@@ -321,7 +328,18 @@ def write_warp(path: str | os.PathLike, warp: Warp, *, header: fits.Header | Non
                          image_header=img_header)
     for name in ("IMAGE", "MASK", "VARIANCE"):
         hdul[name].header.update(img_header)
+    _set_bunit(hdul, bunit)
     write_hdulist(hdul, path)
+
+
+def _set_bunit(hdul, bunit: str | None) -> None:
+    if bunit is None:
+        return
+    for name, unit in (("IMAGE", bunit), ("VARIANCE", f"{bunit}2" if bunit else "")):
+        if unit:
+            hdul[name].header["BUNIT"] = unit
+        else:
+            hdul[name].header.remove("BUNIT", ignore_missing=True)
 
 
 def read_warp(path: str | os.PathLike) -> Warp:

@@ -195,6 +195,60 @@ def _check_fixed_sections(det: Detector, source: str) -> None:
 
 
 @dataclass(frozen=True)
+class TrailSpec:
+    """A satellite trail: a straight line across one detector of one science exposure.
+
+    The exposure is the ``visit_in_band``-th (0-based) science visit in ``band``
+    of night ``night_index``; the line runs from ``start`` to ``end``, given as
+    fractions ``(x / nx, y / ny)`` of the detector's assembled size (points
+    outside [0, 1] let it cross the whole detector).  Its cross-section is a
+    Gaussian of sigma ``width_px`` pixels with ``peak_e`` electrons per pixel on
+    its centre line (before the pixel response, like the sky and the stars),
+    sampled at pixel centres:  ``T(x, y) = peak_e exp(-d^2 / (2 width_px^2))``
+    with ``d`` the distance of the pixel centre from the segment.  Its photons
+    are drawn from their own random stream, ``Poisson(R T)`` added to the
+    frame's electrons, so every other pixel value of the frame is unchanged.
+    """
+
+    night_index: int = 0
+    band: str = "g"
+    visit_in_band: int = 0
+    detector: int = 0
+    start: tuple[float, float] = (-0.05, 0.15)
+    end: tuple[float, float] = (1.05, 0.8)
+    peak_e: float = 250.0
+    width_px: float = 1.3
+
+    def matches(self, spec: "ExposureSpec", det: Detector, bands: Sequence[str]) -> bool:
+        """True for the science exposure and detector that carry the trail."""
+        if spec.obstype != "science" or spec.band != self.band or spec.night_index != self.night_index:
+            return False
+        if int(det.id) != int(self.detector) or self.band not in bands:
+            return False
+        return spec.visit_in_night // len(bands) == self.visit_in_band and \
+            spec.visit_in_night % len(bands) == list(bands).index(self.band)
+
+
+def trail_image(shape: tuple[int, int], trail: TrailSpec) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """The trail's expected electrons per pixel (before the response) and its endpoints in pixels.
+
+    Returns ``(image, (x0, y0, x1, y1))`` with 0-based assembled pixel
+    coordinates of the endpoints.  Distance ``d`` of each pixel centre from the
+    segment (from the nearer endpoint beyond its ends); see :class:`TrailSpec`.
+    """
+    ny, nx = shape
+    x0, y0 = trail.start[0] * nx - 0.5, trail.start[1] * ny - 0.5
+    x1, y1 = trail.end[0] * nx - 0.5, trail.end[1] * ny - 0.5
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    dx, dy = x1 - x0, y1 - y0
+    length2 = dx * dx + dy * dy
+    t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / length2, 0.0, 1.0)
+    d2 = (xx - (x0 + t * dx)) ** 2 + (yy - (y0 + t * dy)) ** 2
+    img = trail.peak_e * np.exp(-0.5 * d2 / (trail.width_px ** 2))
+    return img.astype(np.float32), (float(x0), float(y0), float(x1), float(y1))
+
+
+@dataclass(frozen=True)
 class Preset:
     """What a preset simulates.
 
@@ -211,6 +265,7 @@ class Preset:
     calib_every: int = 1
     science_exptime: float = 60.0
     description: str = ""
+    trail: TrailSpec | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -218,9 +273,15 @@ PRESETS: dict[str, Preset] = {
                    "2 nights; g, r; 2 visits per band per night; 5 biases + 3 flats per band every night"),
     "demo": Preset("demo", 3, ("g", "r", "i"), 3, 5, 3, 2, 60.0,
                    "3 nights; g, r, i; 3 visits per band per night; 5 biases + 3 flats per band "
-                   "on nights 1 and 3 only (night 2 must borrow calibrations)"),
+                   "on nights 1 and 3 only (night 2 must borrow calibrations); a satellite trail across "
+                   "detector 1 of the second r visit of night 2",
+                   trail=TrailSpec(night_index=1, band="r", visit_in_band=1, detector=1)),
     "smoke": Preset("smoke", 1, ("g",), 1, 1, 1, 1, 30.0,
                     "1 night; g; 1 bias, 1 flat, 1 science exposure (layout tests of big cameras)"),
+    "coadd": Preset("coadd", 2, ("g",), 3, 3, 3, 1, 60.0,
+                    "2 nights; g; 3 visits per night; 3 biases + 3 flats every night; a satellite trail "
+                    "across detector 1 of the second visit of night 2 (coadd truth tests)",
+                    trail=TrailSpec(night_index=1, band="g", visit_in_band=1, detector=1)),
 }
 
 
@@ -1106,7 +1167,8 @@ class Frame:
     ``electrons``: electrons after Poisson noise, cosmic rays and bleeding
     (assembled, float32); ``mask``: truth bits (uint8, assembled,
     BAD=1 SAT=2 CR=4); ``stars``/``cosmics``/``amps``: tables; ``info``: the
-    ``exposures.parquet`` row; ``transient``: its row or ``None``.
+    ``exposures.parquet`` row; ``transient``: its row or ``None``; ``trail``:
+    the satellite trail's ``trail.parquet`` row or ``None``.
     """
 
     det: Detector
@@ -1121,6 +1183,7 @@ class Frame:
     amps: pd.DataFrame
     info: dict[str, Any]
     transient: dict[str, Any] | None = None
+    trail: dict[str, Any] | None = None
 
 
 def _amp_levels(seed: int, spec: ExposureSpec, det: Detector, offsets: Mapping[str, float]) -> dict[str, float]:
@@ -1129,11 +1192,16 @@ def _amp_levels(seed: int, spec: ExposureSpec, det: Detector, offsets: Mapping[s
 
 
 def render_frame(model: CameraModel, spec: ExposureSpec, det: Detector, catalog: pd.DataFrame | None = None,
-                 transient: Transient | None = None, *, keep_images: bool = True) -> Frame:
+                 transient: Transient | None = None, *, keep_images: bool = True,
+                 trail: TrailSpec | None = None) -> Frame:
     """Simulate one detector of one exposure (pure apart from the model's cache).
 
     ``keep_images=False`` drops the ``expected``/``electrons`` truth images
     (``None`` in the :class:`Frame`), as the survey writer does to save memory.
+    ``trail`` (science frames only) adds a satellite trail (:class:`TrailSpec`)
+    whose photons come from their own random stream: the frame's other pixel
+    values are those of the same frame without the trail plus the trail's
+    Poisson electrons.
     """
     inst = model.instrument
     dt = model.detector_truth(det)
@@ -1142,6 +1210,8 @@ def render_frame(model: CameraModel, spec: ExposureSpec, det: Detector, catalog:
     rng = _rng(model.seed, "frame", spec.expnum, det.id)
     star_rows = pd.DataFrame()
     tr_row = None
+    trail_row = None
+    trail_px = None
     info: dict[str, Any] = {}
     full_well = dt.full_well_map()
     if spec.obstype == "bias":
@@ -1209,6 +1279,23 @@ def render_frame(model: CameraModel, spec: ExposureSpec, det: Detector, catalog:
         sky_mean = float(np.mean((resp * sky_y[:, None]) * sky_x[None, :], dtype=np.float64))
         info.update(psf_fwhm_px=float(cf[0]), sky_e=sky_mean, zp=spec.zp,
                     zp_calexp=spec.zp + 2.5 * math.log10(mean_resp), n_stars=int(len(star_rows)))
+        if trail is not None:
+            timg, (x0, y0, x1, y1) = trail_image(det.shape, trail)
+            texp = timg * resp
+            # own stream: the frame's draws (and so every other pixel) stay what they were
+            e += _rng(model.seed, "trail", spec.expnum, det.id).poisson(texp).astype(f32)
+            expected += texp
+            trail_px = timg >= np.float32(trail.peak_e * math.exp(-4.5))  # within 3 sigma of the line
+            ra_e, dec_e = model.pixel_to_sky(det, np.array([x0, x1]), np.array([y0, y1]), ra0=spec.ra_true,
+                                             dec0=spec.dec_true, rot_deg=spec.rot_true_deg)
+            pix_area = float(inst.pixel_scale) ** 2
+            trail_row = dict(
+                x0=x0, y0=y0, x1=x1, y1=y1, ra0=float(ra_e[0]), dec0=float(dec_e[0]), ra1=float(ra_e[1]),
+                dec1=float(dec_e[1]), width_px=float(trail.width_px), peak_e=float(trail.peak_e),
+                line_flux_e=float(trail.peak_e * math.sqrt(2.0 * math.pi) * trail.width_px),
+                sb_mag_arcsec2=float(spec.zp - 2.5 * math.log10(trail.peak_e / spec.exptime / pix_area)),
+                mean_response=float(np.mean(resp[trail_px], dtype=np.float64)),
+                n_trail_px=int(np.count_nonzero(trail_px)), zp=spec.zp, exptime=spec.exptime)
     else:
         raise ConfigError(f"cannot simulate obstype {spec.obstype!r}")
     n_cr = int(rng.poisson(CR_RATE * nx * ny * (spec.exptime + READOUT_S)))
@@ -1224,6 +1311,8 @@ def render_frame(model: CameraModel, spec: ExposureSpec, det: Detector, catalog:
         sat = _orient(raw[amp.datasec.slices] >= math.floor(min(amp.saturation, 65535.0)), amp)
         mask[amp.detsec.slices][sat] |= masks.SAT
     mask[cr_pix] |= masks.CR
+    if trail_px is not None:
+        mask[trail_px] |= masks.TRAIL
     if len(star_rows):
         sy_i = np.clip(np.floor(star_rows["y"].to_numpy() + 0.5).astype(int), 0, ny - 1)
         sx_i = np.clip(np.floor(star_rows["x"].to_numpy() + 0.5).astype(int), 0, nx - 1)
@@ -1237,7 +1326,7 @@ def render_frame(model: CameraModel, spec: ExposureSpec, det: Detector, catalog:
                 n_bleed_px=int(np.count_nonzero(bled)))
     return Frame(det=det, spec=spec, raw=raw, header=header, expected=expected if keep_images else None,
                  electrons=e if keep_images else None, mask=mask, stars=star_rows, cosmics=cosmics, amps=amps,
-                 info=info, transient=tr_row)
+                 info=info, transient=tr_row, trail=trail_row)
 
 
 # -- headers ---------------------------------------------------------------------------
@@ -1466,6 +1555,8 @@ Detectors simulated: {detectors}.  `<det>` in file names is the detector id, two
   exactly the saturation value.
 
 ## Files
+* `../transients.csv` - the transient's name (`SN-sim`), RA and Dec, as the CSV
+  of user positions for forced photometry (config `forced.positions`).
 * `manifest.yaml` - preset, seed, instrument, software version, detectors, file counts,
   the calibration nights and the transient's parameters.
 * `gain.yaml` - per detector and amp: gain (e-/ADU), read_noise (e-), saturation (ADU),
@@ -1505,6 +1596,16 @@ Detectors simulated: {detectors}.  `<det>` in file names is the detector id, two
   host galaxy (`host_mag`, `host_flux_e`, `host_x`, `host_y`, `host_sigma_px`: a Gaussian
   convolved with the PSF).  Light curve: `surveyred.simulate.transient_mag` with the
   parameters in `manifest.yaml`.
+* `trail.parquet` - the satellite trail (presets with one; otherwise no rows): one row per
+  exposure and detector it crosses: `expname`, `visit`, `night`, `band`, `detector`, `mjd`,
+  segment endpoints `x0, y0, x1, y1` (0-based assembled pixels) and `ra0, dec0, ra1, dec1`
+  (deg, through the true WCS), `width_px` (Gaussian sigma of the cross-section), `peak_e`
+  (e- per pixel on the centre line before the response), `line_flux_e` (= peak_e sqrt(2 pi)
+  width_px: e- per pixel of length), `sb_mag_arcsec2` (centre-line surface brightness, mag per
+  arcsec^2 with the exposure's zp), `mean_response` (pixel response on the trail),
+  `n_trail_px` (pixels flagged TRAIL in the truth mask), `zp`, `exptime`.  Profile:
+  `T = peak_e exp(-d^2 / (2 width_px^2))`, `d` the distance of the pixel centre from the
+  segment; its photons `Poisson(R T)` come from their own random stream.
 * `cosmics.parquet` - one row per cosmic-ray pixel of every frame (calibrations too):
   `expname`, `detector`, `event`, `x`, `y` (assembled), `deposit_e`.
 * `bias_<det>.fits` - the fixed bias in ADU (assembled, overscan-free): per-amp offset +
@@ -1517,7 +1618,8 @@ Detectors simulated: {detectors}.  `<det>` in file names is the detector id, two
   {dead}, hot columns, hot pixels).
 * `truthmask_<expname>_<det>.fits` - science exposures only, uint8 (assembled) with
   surveyred.masks bits: BAD=1 (defects), SAT=2 (raw value at saturation: saturated cores and
-  bleed trails), CR=4 (pixels hit by cosmic rays).
+  bleed trails), CR=4 (pixels hit by cosmic rays), TRAIL=8 (within 3 sigma of a satellite
+  trail's centre line).
 
 ## Schedule
 Night k (0-based) is the evening 2024-02-20 + int(3.5 k) days.  Calibrations (when the
@@ -1569,7 +1671,7 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
     catalog = make_catalog(model, dets) if any(s.obstype == "science" for s in plan) else _finish_catalog(
         pd.DataFrame(columns=["id", "ra", "dec", "r", "gr", "ri", "iz", "pm_ra", "pm_dec", "bright"]))
     transient = make_transient(model, dets[0])
-    exp_rows, amp_rows, star_tabs, cr_tabs, tr_rows = [], [], [], [], []
+    exp_rows, amp_rows, star_tabs, cr_tabs, tr_rows, trail_rows = [], [], [], [], [], []
     raw_paths: list[str] = []
     truth: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -1577,7 +1679,8 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
     try:
         for spec in plan:
             def one(det: Detector, spec=spec) -> Frame:
-                return render_frame(model, spec, det, catalog, transient, keep_images=False)
+                tr = p.trail if p.trail is not None and p.trail.matches(spec, det, p.bands) else None
+                return render_frame(model, spec, det, catalog, transient, keep_images=False, trail=tr)
 
             frames = list(pool.map(one, dets)) if pool else [one(d) for d in dets]
             rel = Path("raw") / spec.night / f"{spec.expname}.fits"
@@ -1616,6 +1719,9 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
                     if f.transient is not None:
                         tr_rows.append(dict(expname=spec.expname, visit=spec.expnum, night=spec.night,
                                             detector=f.det.id, **f.transient))
+                    if f.trail is not None:
+                        trail_rows.append(dict(expname=spec.expname, visit=spec.expnum, night=spec.night,
+                                               band=spec.band, detector=f.det.id, mjd=spec.mjd_mid, **f.trail))
             log.info("%s %s %-7s %-3s %d detector(s) -> %s", spec.night, spec.expname, spec.obstype,
                      spec.band if spec.obstype != "bias" else "", len(frames), rel)
     finally:
@@ -1655,6 +1761,7 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
         "cosmics": pd.concat(cr_tabs, ignore_index=True) if cr_tabs else pd.DataFrame(
             columns=["expname", "detector", "event", "x", "y", "deposit_e"]),
         "transient": pd.DataFrame(tr_rows),
+        "trail": pd.DataFrame(trail_rows, columns=_TRAIL_COLUMNS),
         "refcat": catalog,
     }
     for name, df in tables.items():
@@ -1667,6 +1774,11 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
 
     write_simulated_refcat(catalog, out / "refcat", name="sim")
     truth["refcat_store"] = str(out / "refcat" / "sim")
+
+    # the transient's position as a user-position list for forced photometry
+    # (config forced.positions), as a survey team would supply known supernovae
+    _write_text(f"name,ra,dec\nSN-sim,{transient.ra:.8f},{transient.dec:.8f}\n", out / "transients.csv")
+    truth["transients_csv"] = str(out / "transients.csv")
 
     gains = {"instrument": inst.name, "detectors": {}}
     for det in dets:
@@ -1703,12 +1815,19 @@ def simulate_survey(outdir: str | Path, *, preset: str = "tiny", seed: int = 1,
                       "host_ra": transient.host_ra, "host_dec": transient.host_dec,
                       "host_sigma_arcsec": transient.host_sigma_arcsec,
                       "model": "bazin", "bands": {b: transient.params(b) for b in bands}},
+        "trail": None if p.trail is None else {k: (list(v) if isinstance(v, tuple) else v)
+                                               for k, v in dataclasses.asdict(p.trail).items()},
     }
     _write_text(yaml.safe_dump(manifest, sort_keys=False), truth_dir / "manifest.yaml")
     truth["manifest"] = str(truth_dir / "manifest.yaml")
     log.info("simulated %d exposures x %d detector(s) in %.1f s", len(plan), len(dets), time.perf_counter() - t0)
     return {"outdir": str(out), "raw": raw_paths, "truth": truth, "counts": counts, "n_exposures": len(plan),
             "detectors": [d.id for d in dets], "nights": all_nights, "calibration_nights": cal_nights}
+
+
+_TRAIL_COLUMNS = ["expname", "visit", "night", "band", "detector", "mjd", "x0", "y0", "x1", "y1", "ra0", "dec0",
+                  "ra1", "dec1", "width_px", "peak_e", "line_flux_e", "sb_mag_arcsec2", "mean_response",
+                  "n_trail_px", "zp", "exptime"]
 
 
 def _exposure_row(model: CameraModel, spec: ExposureSpec, f: Frame, rel: str) -> dict[str, Any]:

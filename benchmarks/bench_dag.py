@@ -224,6 +224,8 @@ def count_submissions(counts: dict[str, int], inventory: Path, profile: Path) ->
     for group, rules in members.items():
         if set(rules) <= {"master_bias", "master_flat"}:
             components[group] = len({find(x) for x in parent})
+        elif set(rules) <= {"coadd", "coadd_catalog"}:  # one component per patch
+            components[group] = counts.get("coadd_catalog", 0)
         else:  # per-visit rules: one component per visit
             components[group] = max(counts[r] for r in rules)
     by_kind = {f"group {g} ({components[g]} components / {sizes.get(g, 1)})":

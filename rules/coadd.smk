@@ -201,5 +201,5 @@ rule lightcurves:
             )
         ),
     shell:
-        "surveyred lightcurve --forced {params.forced:q} --output {output.table:q}"
-        " {params.plot} --plot-dir {output.plots:q} --log {log:q}"
+        "mkdir -p {output.plots:q} && surveyred lightcurve --forced {params.forced:q}"
+        " --output {output.table:q} {params.plot} --plot-dir {output.plots:q} --log {log:q}"

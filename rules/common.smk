@@ -411,7 +411,8 @@ def forced_script(wildcards, input, outdir, threads, cfg):
     night = wildcards.night
     logdir = os.path.join(LOGS, "forced_photometry", night)
     lines = ["set -euo pipefail", f"mkdir -p {q(outdir)} {q(logdir)}"]
-    positions = f" --positions {q(input.positions)}" if input.positions else ""
+    given = list(input.positions) if not isinstance(input.positions, str) else [input.positions]
+    positions = f" --positions {q(given[0])}" if given else ""
     for visit in night_visits(wildcards):
         files = {
             kind: " ".join(

@@ -24,6 +24,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "refcat": ("surveyred.refcat", "main", "reference-catalog store: fetch (Gaia/PS1/SDSS) or ingest a table"),
     "calibrate": ("surveyred.calibrate", "main", "astrometric and photometric calibration of one visit's sources"),
     "jointcal": ("surveyred.jointcal", "main", "joint astrometry of all exposures of one field and band"),
+    "metrics": ("surveyred.metrics", "main", "LSST SRD science metrics (PA1, PF1, AM1/AM2, zero-point scatter) per band"),
+    "qa-plots": ("surveyred.plots", "main", "QA plots (PNG) of a results tree for the report"),
+    "warp": ("surveyred.warpcmd", "main", "warp one visit's detectors onto patches of a tract (common zero-point)"),
+    "coadd": ("surveyred.coaddcmd", "main", "stack the warps of one patch and band into a coadd"),
+    "coadd-catalog": ("surveyred.coaddcat", "main", "detection and measurement on a patch's coadds: object catalog"),
+    "forced-phot": ("surveyred.forced", "main", "forced photometry of one visit at object and user positions"),
+    "lightcurve": ("surveyred.lightcurve", "main", "light curves (and plots) from forced photometry"),
+    "status": ("surveyred.status", "main", "production status: ok / failed (with cause) / pending CCDs per band and night"),
+    "ccd-summary": ("surveyred.status", "main_ccd_summary", "one row per calibrated CCD: PSF, zero-point, astrometric scatter, status"),
+    "disk": ("surveyred.disk", "main", "files and bytes per product type, deletable and missing products"),
 }
 
 

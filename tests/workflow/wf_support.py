@@ -66,13 +66,15 @@ def tiny_config(survey: Path, raw: Path, **extra) -> dict:
 
     Its own reference catalog, and a skymap of 2 x 2 patches of 1000 pixels at
     0.4"/pixel (the tiny field is about 7.5' square, so every exposure touches all
-    four patches).
+    four patches); the simulated supernova as a user position, its light curve plotted.
     """
     cfg = {
         "raw_dir": str(raw),
         "results_dir": "results",
         "refcat": {"store": str(survey / "refcat"), "astrometric": "sim", "photometric": "sim"},
         "skymap": {"pixel_scale": 0.4, "patch_size": 1000, "patch_overlap": 50, "n_patches": 2},
+        "forced": {"positions": str(survey / "transients.csv")},
+        "lightcurves": {"plot": ["SN-sim"]},
     }
     cfg.update(extra)
     return cfg

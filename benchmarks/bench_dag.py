@@ -8,7 +8,9 @@ flat within the default validity of +-3 nights). The script writes
 * an empty placeholder file for every raw exposure (``raw/<night>/<visit>.fits``):
   the ISR and master jobs list them as inputs, and Snakemake only checks that an
   input exists;
-* after them, ``results/inventory.parquet`` (``surveyred.ingest.INVENTORY_SCHEMA``,
+* after them, ``results/inventory.parquet`` (with the MegaCam CCD corners of every
+  science row, dithered by up to 2 arcmin around D3, so that the coadd rules see
+  the real patch overlaps) (``surveyred.ingest.INVENTORY_SCHEMA``,
   one row per exposure and detector) and an empty rejects table, exactly what the
   ingest checkpoint writes.
 
@@ -77,6 +79,9 @@ GAP = 80
 DITHER_ARCMIN = 2.0
 # the tract/patch geometry the README recommends for MegaCam
 SKYMAP = {"pixel_scale": 0.2, "patch_size": 4000, "patch_overlap": 100, "n_patches": 9}
+# forced photometry of a week of nights per job, as the README recommends for surveys
+# of hundreds of nights (one job per night would be 200 Slurm submissions)
+FORCED = {"nights_per_job": 7}
 
 
 def ccd_corners(det: int, ra0: float, dec0: float) -> tuple[list[float], list[float]]:
@@ -264,7 +269,8 @@ def main(argv=None) -> int:
         import yaml
 
         cfg.write_text(yaml.safe_dump({"instrument": "megacam", "raw_dir": str(root / "raw"),
-                                       "results_dir": "results", "skymap": SKYMAP}))
+                                       "results_dir": "results", "skymap": SKYMAP,
+                                       "forced": FORCED}))
         smk = [sys.executable, "-m", "snakemake"]
         if args.profile_python:
             smk = [sys.executable, "-m", "cProfile", "-o", str(root / "dag.prof"), "-m", "snakemake"]

@@ -6,10 +6,11 @@
 #                   exposures that touch the patch (minus config exclude_visits).
 #   coadd_catalog:  one job per patch: detection and measurement on each band's
 #                   coadd, merged into one object table with stable ids.
-#   forced_photometry: one job per night, one table per visit: PSF and aperture
-#                   fluxes at every object of the patches the visit touches and at
-#                   the user's positions. Per night, not per visit, so that the
-#                   Slurm submissions stay few without grouping (see the profile).
+#   forced_photometry: one job per night (or per window of forced.nights_per_job
+#                   nights), one table per visit: PSF and aperture fluxes at every
+#                   object of the patches the visit touches and at the user's
+#                   positions. Not per visit, so that the Slurm submissions stay
+#                   few without grouping (see the profile).
 #   lightcurves:    one job: per-object light curves and the requested plots.
 # Patches per exposure come from the header-WCS footprint recorded at ingest
 # (surveyred.footprint), so the DAG is known before any pixel is processed.
@@ -17,7 +18,7 @@
 WARP_DIR = os.path.join(RESULTS, "warp", "{night}", "{visit}")
 COADD = os.path.join(RESULTS, "coadd", "{tract}", "{patch}", "{band}.fits")
 COADD_CAT = os.path.join(RESULTS, "coadd_cat", "{tract}", "{patch}.parquet")
-FORCED_DIR = os.path.join(RESULTS, "forced", "{night}")
+FORCED_DIR = os.path.join(RESULTS, "forced", "{fbatch}")
 LIGHTCURVES = os.path.join(RESULTS, "lightcurves", "lightcurves.parquet")
 LIGHTCURVE_PLOTS = os.path.join(RESULTS, "lightcurves", "plots")
 WARP_CONFIG_JSON = json.dumps({"warp": config["warp"]}, sort_keys=True)
@@ -29,7 +30,13 @@ COADD_CATALOG_CONFIG_JSON = json.dumps(
     {"coadd_catalog": config["coadd_catalog"]}, sort_keys=True
 )
 FORCED_CONFIG_JSON = json.dumps(
-    {"forced": {k: v for k, v in config["forced"].items() if k != "positions"}},
+    {
+        "forced": {
+            k: v
+            for k, v in config["forced"].items()
+            if k not in ("positions", "nights_per_job")
+        }
+    },
     sort_keys=True,
 )
 FORCED_POSITIONS = config["forced"]["positions"]
@@ -38,6 +45,7 @@ FORCED_POSITIONS = config["forced"]["positions"]
 wildcard_constraints:
     tract=r"\d+",
     patch=r"\d+,\d+",
+    fbatch=r"\d{8}",
 
 
 # As lambdas: `snakemake --lint` wants functions in rules/common.smk.
@@ -144,25 +152,25 @@ rule coadd_catalog:
 
 rule forced_photometry:
     input:
-        calexp=lambda wildcards: night_dirs(wildcards, CALEXP_DIR),
-        wcs=lambda wildcards: night_dirs(wildcards, CALWCS_DIR),
-        psf=lambda wildcards: night_dirs(wildcards, PSF_DIR),
+        calexp=lambda wildcards: batch_dirs(wildcards, CALEXP_DIR),
+        wcs=lambda wildcards: batch_dirs(wildcards, CALWCS_DIR),
+        psf=lambda wildcards: batch_dirs(wildcards, PSF_DIR),
         objects=lambda wildcards: [
-            COADD_CAT.format(tract=t, patch=p) for t, p in night_patches(wildcards)
+            COADD_CAT.format(tract=t, patch=p) for t, p in batch_patches(wildcards)
         ],
         positions=[FORCED_POSITIONS] if FORCED_POSITIONS else [],
     output:
         directory(FORCED_DIR),
     log:
-        os.path.join(LOGS, "forced_photometry", "{night}.log"),
+        os.path.join(LOGS, "forced_photometry", "{fbatch}.log"),
     benchmark:
-        os.path.join(BENCHMARKS, "forced_photometry", "{night}.tsv")
+        os.path.join(BENCHMARKS, "forced_photometry", "{fbatch}.tsv")
     conda:
         "../envs/surveyred.yaml"
     threads: 2
     resources:
         mem_mb=mem_mb(1500),
-        runtime=lambda wildcards, attempt: 5 * len(night_visits(wildcards)) * attempt,
+        runtime=lambda wildcards, attempt: 5 * len(batch_visits(wildcards)) * attempt,
     params:
         script=lambda wildcards, input, output, threads: forced_script(
             wildcards, input, output[0], threads, FORCED_CONFIG_JSON
@@ -173,7 +181,7 @@ rule forced_photometry:
 
 rule lightcurves:
     input:
-        lambda wildcards: [FORCED_DIR.format(night=n) for n in forced_nights()],
+        lambda wildcards: [FORCED_DIR.format(fbatch=b) for b in forced_batches()],
     output:
         table=LIGHTCURVES,
         plots=directory(LIGHTCURVE_PLOTS),
@@ -189,7 +197,7 @@ rule lightcurves:
         runtime=runtime_min(30),
     params:
         forced=lambda wildcards: [
-            os.path.join(FORCED_DIR.format(night=n), f"{v}.parquet")
+            os.path.join(FORCED_DIR.format(fbatch=forced_batch(n)), f"{v}.parquet")
             for n, v in forced_visits()
         ],
         plot=(

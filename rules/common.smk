@@ -2,6 +2,7 @@
 # constraints, the (cached) inventory and calibration plan, path helpers and
 # the input functions of the rules in rules/*.smk.
 
+import datetime
 import functools
 import json
 import os
@@ -273,6 +274,7 @@ def runtime_min(base):
 # is built, so a coadd job depends only on the exposures that overlap its patch.
 
 EXCLUDED_VISITS = {str(v) for v in config["exclude_visits"]}
+EPOCH = datetime.date(2000, 1, 1)
 SKYMAP_JSON = json.dumps(
     {
         k: config["skymap"][k]
@@ -369,18 +371,30 @@ def forced_visits():
     ]
 
 
-def forced_nights():
-    return sorted({n for n, _ in forced_visits()})
+def forced_batch(night):
+    """The forced-photometry job of a night: the first night of its calendar window.
+
+    Windows of ``forced.nights_per_job`` days are anchored at 2000-01-01, so adding
+    nights never moves the other nights to another job.
+    """
+    n = int(config["forced"]["nights_per_job"])
+    if n <= 1:
+        return night
+    day = (datetime.date(int(night[:4]), int(night[4:6]), int(night[6:])) - EPOCH).days
+    return (EPOCH + datetime.timedelta(days=day - day % n)).strftime("%Y%m%d")
 
 
-def night_visits(wildcards):
-    return [v for n, v in forced_visits() if n == wildcards.night]
+def forced_batches():
+    return sorted({forced_batch(n) for n, _ in forced_visits()})
 
 
-def night_dirs(wildcards, pattern):
-    return [
-        pattern.format(night=wildcards.night, visit=v) for v in night_visits(wildcards)
-    ]
+def batch_visits(wildcards):
+    """``[(night, visit)]`` measured by the forced-photometry job ``wildcards.fbatch``."""
+    return [(n, v) for n, v in forced_visits() if forced_batch(n) == wildcards.fbatch]
+
+
+def batch_dirs(wildcards, pattern):
+    return [pattern.format(night=n, visit=v) for n, v in batch_visits(wildcards)]
 
 
 def visit_objects(night, visit):
@@ -391,29 +405,29 @@ def visit_objects(night, visit):
     return [(str(tract), p) for p in pids if (str(tract), p) in done]
 
 
-def night_patches(wildcards):
+def batch_patches(wildcards):
     return sorted(
-        {
-            tp
-            for v in night_visits(wildcards)
-            for tp in visit_objects(wildcards.night, v)
-        }
+        {tp for n, v in batch_visits(wildcards) for tp in visit_objects(n, v)}
     )
 
 
 def forced_script(wildcards, input, outdir, threads, cfg):
-    """Shell commands of one night's forced photometry: one surveyred call per visit.
+    """Shell commands of one forced-photometry job: one surveyred call per visit.
 
     Each call logs to logs/forced_photometry/{night}/{visit}.log, like the
     per-visit rules; the first failure stops the job (set -e).
     """
     q = shlex.quote
-    night = wildcards.night
-    logdir = os.path.join(LOGS, "forced_photometry", night)
-    lines = ["set -euo pipefail", f"mkdir -p {q(outdir)} {q(logdir)}"]
-    given = list(input.positions) if not isinstance(input.positions, str) else [input.positions]
+    lines = ["set -euo pipefail", f"mkdir -p {q(outdir)}"]
+    given = (
+        list(input.positions)
+        if not isinstance(input.positions, str)
+        else [input.positions]
+    )
     positions = f" --positions {q(given[0])}" if given else ""
-    for visit in night_visits(wildcards):
+    for night, visit in batch_visits(wildcards):
+        logdir = os.path.join(LOGS, "forced_photometry", night)
+        lines.append(f"mkdir -p {q(logdir)}")
         files = {
             kind: " ".join(
                 q(f)

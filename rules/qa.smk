@@ -9,6 +9,8 @@
 # Note: qa_status and qa_ccd_summary depend on every visit summary so that they run
 # last; after a partial run (--keep-going) run `surveyred status RESULTS` directly.
 
+import shlex
+
 QA_DIR = os.path.join(RESULTS, "qa")
 QA_PLOTS = os.path.join(QA_DIR, "plots")
 QA_STATUS = os.path.join(QA_DIR, "status.parquet")
@@ -16,10 +18,28 @@ QA_STATUS_TXT = os.path.join(QA_DIR, "status.txt")
 QA_CCD_SUMMARY = os.path.join(QA_DIR, "ccd_summary.parquet")
 QA_METRICS = os.path.join(QA_DIR, "metrics.parquet")
 QA_METRICS_HTML = os.path.join(QA_DIR, "metrics.html")
-QA_THUMBNAIL = os.path.join(QA_PLOTS, "coadd", "coadd_{tract}_{patch}_{band}.png")
+# patch "x,y" written x-y: a comma in a file name ends the header of the data URI that
+# the Snakemake report embeds the image in, and the image does not load
+QA_THUMBNAIL = os.path.join(QA_PLOTS, "coadd", "coadd_{tract}_{px}-{py}_{band}.png")
 QA_CONFIG = config.get("qa", {})
-QA_CONFIG_JSON = json.dumps(QA_CONFIG, sort_keys=True)
+# light curves plotted: qa.lightcurve_objects, else lightcurves.plot
+QA_CONFIG_JSON = json.dumps(
+    {
+        "metrics": QA_CONFIG.get("metrics", {}),
+        "plots": QA_CONFIG.get("plots", {}),
+        "lightcurve_objects": QA_CONFIG.get("lightcurve_objects")
+        or config.get("lightcurves", {}).get("plot", []),
+    },
+    sort_keys=True,
+)
 QA_METRICS_JSON = json.dumps(QA_CONFIG.get("metrics", {}), sort_keys=True)
+# qa.truth_dir: the truth/ of `surveyred simulate` (simulated data only): the metrics
+# table then also gives PA1/AM1 expected from the simulated noise
+QA_TRUTH_OPTION = (
+    f"--truth {shlex.quote(str(QA_CONFIG['truth_dir']))}"
+    if QA_CONFIG.get("truth_dir")
+    else ""
+)
 
 # Input functions as lambdas (like rules/calibrate.smk): rules/common.smk belongs to
 # the shared layout.
@@ -31,8 +51,12 @@ qa_calsrc_dirs = lambda wildcards: [
 ]
 qa_lightcurves = lambda wildcards: [LIGHTCURVES] if forced_visits() else []
 qa_thumbnails = lambda wildcards: [
-    QA_THUMBNAIL.format(tract=t, patch=p, band=b) for t, p, b in coadd_keys()
+    QA_THUMBNAIL.format(tract=t, px=p.split(",")[0], py=p.split(",")[1], band=b)
+    for t, p, b in coadd_keys()
 ]
+qa_thumbnail_coadd = lambda wildcards: COADD.format(
+    tract=wildcards.tract, patch=f"{wildcards.px},{wildcards.py}", band=wildcards.band
+)
 # every QA product (the lead adds qa_targets to rule all)
 qa_targets = lambda wildcards: [
     QA_STATUS,
@@ -115,9 +139,10 @@ rule qa_metrics:
         runtime=runtime_min(10),
     params:
         cfg=QA_METRICS_JSON,
+        truth=QA_TRUTH_OPTION,
     shell:
         "surveyred metrics --calsrc {input.calsrc:q} --visit-summary {input.summaries:q}"
-        " --output {output.table:q} --thresholds-table {output.html:q}"
+        " --output {output.table:q} --thresholds-table {output.html:q} {params.truth}"
         " --config-json {params.cfg:q} --threads {threads} --log {log:q}"
 
 
@@ -187,7 +212,7 @@ rule qa_plots:
 
 rule qa_coadd_thumbnail:
     input:
-        COADD,
+        qa_thumbnail_coadd,
     output:
         report(
             QA_THUMBNAIL,
@@ -196,7 +221,10 @@ rule qa_coadd_thumbnail:
             subcategory="band {band}",
         ),
     log:
-        os.path.join(LOGS, "qa", "thumbnail", "{tract}", "{patch}_{band}.log"),
+        os.path.join(LOGS, "qa", "thumbnail", "{tract}", "{px}-{py}_{band}.log"),
+    wildcard_constraints:
+        px=r"\d+",
+        py=r"\d+",
     localrule: True
     conda:
         "../envs/surveyred.yaml"

@@ -42,10 +42,12 @@ def test_profile_run_goes_through_sbatch(slurm_run, capsys):
     states = {line.split("|")[0]: line.split("|")[2] for line in sacct.strip().splitlines()}
     assert set(states) == set(ids), f"sacct does not know every job: {states} vs {ids}"
     assert all(state == "COMPLETED" for state in states.values()), states
-    # grouping: one ingest job, one calib group job, one visit group job
+    # grouping (profile): one calib group job per calibration night (the tiny survey
+    # has two), one visit group job for its 8 visits (10 per group), one ingest job
     kinds = sorted(log.split("/slurm_logs/")[1].split("/")[0] for _, _, log in subs)
-    assert len(subs) == 3, kinds
-    assert kinds[0].startswith("group_calib") and kinds[1].startswith("group_visit") and kinds[2] == "rule_ingest", kinds
+    assert len(subs) == 4, kinds
+    assert [k.split("_")[1] if k.startswith("group_") else k for k in kinds] == [
+        "calib", "calib", "visit", "rule_ingest"], kinds
 
 
 def test_profile_run_products(slurm_run):

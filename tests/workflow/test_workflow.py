@@ -35,7 +35,7 @@ def test_run_produces_calexps_with_provenance(tiny_run):
     assert not sci.empty, "the tiny survey has no science exposures"
     assert pd.read_parquet(results / "inventory_rejects.parquet").empty
     for row in sci.itertuples():
-        path = results / "calexp" / row.night / f"{row.visit}_{row.detector}.fits"
+        path = results / "calexp" / row.night / row.visit / f"{row.visit}_{row.detector}.fits"
         assert path.exists(), f"missing {path}"
         with fits.open(path) as hdul:
             names = [h.name for h in hdul]

@@ -62,28 +62,43 @@ def json_arg(text: str | None) -> dict[str, Any]:
     return value
 
 
+#: How :func:`run` writes the failure into the log (``--log FILE``): the last ERROR
+#: record of a failed job's log is ``<what> failed: <FailureClass>: <message>``, the
+#: same ``FailureClass: message`` line the command prints on stderr.  The
+#: production status (:mod:`surveyred.status`) reads it back.
+FAILURE_LINE = "%s failed: %s"
+
+
 def run(body: Callable[[], Any], *, what: str) -> int:
     """Run a command body: log timing, turn errors into one line and exit 2.
 
     A :class:`SurveyredError` is printed as ``FailureClass: message`` (the
-    message names the file and the cause); any other exception is logged with
-    its traceback and reported as ``InternalError``.  Neither is swallowed: the
-    exit status is non-zero so Snakemake marks the job failed.
+    message names the file and the cause); a :class:`MemoryError` as
+    ``OutOfMemory: <what>`` (exit 3); any other exception is logged with its
+    traceback and reported as ``InternalError``.  The same one line also goes
+    into the log file (``<what> failed: FailureClass: message``, see
+    :data:`FAILURE_LINE`) as the job's last ERROR record.  Nothing is
+    swallowed: the exit status is non-zero so Snakemake marks the job failed.
     """
     t0 = time.perf_counter()
     try:
         body()
     except SurveyredError as exc:
-        log.error("%s failed: %s", what, exc.one_line())
-        print(exc.one_line(), file=sys.stderr)
+        line = exc.one_line()
+        log.error(FAILURE_LINE, what, line)
+        print(line, file=sys.stderr)
         return exc.exit_code
     except MemoryError:
         log.exception("%s ran out of memory", what)
-        print("OutOfMemory: " + what, file=sys.stderr)
+        line = "OutOfMemory: " + what
+        log.error(FAILURE_LINE, what, line)
+        print(line, file=sys.stderr)
         return 3
     except Exception as exc:  # noqa: BLE001 - reported, then the job fails
         log.exception("%s failed with an unexpected error", what)
-        print(f"InternalError: {what}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        line = " ".join(f"InternalError: {what}: {type(exc).__name__}: {exc}".split())
+        log.error(FAILURE_LINE, what, line)
+        print(line, file=sys.stderr)
         return 1
     log.info("%s done in %.1f s", what, time.perf_counter() - t0)
     return 0

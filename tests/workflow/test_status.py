@@ -30,7 +30,7 @@ import yaml
 
 from surveyred import simulate
 from surveyred.status import index_ccd_products
-from wf_support import show, workflow
+from wf_support import show, tiny_config, workflow
 
 pytestmark = pytest.mark.workflow
 
@@ -74,7 +74,12 @@ def partial_run(survey, tmp_path_factory):
     workdir = base / "work"
     workdir.mkdir()
     configfile = base / "config.yaml"
-    configfile.write_text(yaml.safe_dump({"raw_dir": str(raw), "results_dir": "results"}))
+    if PRESET == "tiny":
+        cfg = tiny_config(survey, raw)  # its own refcat, a skymap for the tiny field, forced positions
+    else:
+        cfg = {"raw_dir": str(raw), "results_dir": "results",
+               "refcat": {"store": str(survey / "refcat"), "astrometric": "sim", "photometric": "sim"}}
+    configfile.write_text(yaml.safe_dump(cfg))
     proc = workflow("--cores", "2", "--keep-going", workdir=workdir, configfile=configfile)
     victim_row = sci[sci.file == victim].iloc[0]
     return dict(proc=proc, workdir=workdir, results=workdir / "results", truth=truth, sci=sci,

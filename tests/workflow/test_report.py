@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from wf_support import show, snakemake, workflow
+from wf_support import REPO, show, snakemake, workflow
 
 pytestmark = pytest.mark.workflow
 
@@ -172,6 +172,8 @@ def test_report_renders_every_plot(tiny_run):
         "photometric_repeatability.png", "lightcurves.png", "status_table.png")}
     expected |= {str(p.relative_to(workdir)) for p in sorted((plots / "coadd").glob("*.png"))}
     assert any("coadd_" in p for p in expected), "no coadd thumbnail was made"
+    # a comma in a file name ends the data URI's header: the image would not load
+    assert not [p for p in expected if "," in Path(p).name]
     assert expected <= set(seen), f"missing from the report: {sorted(expected - set(seen))}; {errors}"
     for path, (w, h) in sorted(seen.items()):
         assert (w, h) == png_size(workdir / path) and w > 0, f"{path}: rendered {w}x{h}; {errors}"

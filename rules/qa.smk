@@ -90,9 +90,16 @@ rule qa_status:
         runtime=runtime_min(5),
     params:
         results=lambda wildcards, input: os.path.dirname(input.inventory),
+        cfg=json.dumps(
+            {
+                "night_utc_offset_hours": config["night_utc_offset_hours"],
+                "calib": {"validity": config["calib"]["validity"]},
+            },
+            sort_keys=True,
+        ),
     shell:
         "surveyred status {params.results:q} --output {output.table:q}"
-        " --summary {output.summary:q} --log {log:q}"
+        " --summary {output.summary:q} --config-json {params.cfg:q} --log {log:q}"
 
 
 rule qa_ccd_summary:

@@ -186,7 +186,8 @@ def job_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def count_submissions(counts: dict[str, int], inventory: Path, profile: Path) -> tuple[int, dict[str, int]]:
+def count_submissions(counts: dict[str, int], inventory: Path, profile: Path,
+                      local: set[str] = frozenset({"all"})) -> tuple[int, dict[str, int]]:
     """sbatch calls of the run: per group, ceil(connected components / group-components);
     plus one per ungrouped job; local rules (`all`) are not submitted.
 
@@ -236,9 +237,20 @@ def count_submissions(counts: dict[str, int], inventory: Path, profile: Path) ->
     by_kind = {f"group {g} ({components[g]} components / {sizes.get(g, 1)})":
                math.ceil(components[g] / int(sizes.get(g, 1))) for g in components}
     for rule, n in counts.items():
-        if rule not in groups and rule != "all":
+        if rule not in groups and rule not in local:
             by_kind[rule] = n
     return sum(by_kind.values()), by_kind
+
+
+def local_rules(rules_dir: Path) -> set[str]:
+    """Rules declared ``localrule: True`` in the workflow's rule files."""
+    local = set()
+    for smk in sorted(rules_dir.glob("*.smk")):
+        for block in re.split(r"^(?=(?:rule|checkpoint) )", smk.read_text(), flags=re.M):
+            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if m and re.search(r"^\s+localrule: True", block, flags=re.M):
+                local.add(m.group(1))
+    return local
 
 
 def job_total(text: str) -> int:
@@ -290,8 +302,10 @@ def main(argv=None) -> int:
             print(f"snakemake -n failed with exit {proc.returncode}")
             return 1
         jobs = job_total(text)
+        # local rules (`localrule: True`, and `all`) run in the Snakemake process, not through sbatch
+        local = local_rules(REPO / "rules") | {"all"}
         subs, by_kind = count_submissions(job_counts(text), work / "results" / "inventory.parquet",
-                                          REPO / "profiles" / "slurm")
+                                          REPO / "profiles" / "slurm", local)
         stats = text[text.index("Job stats:"):].split("\n\n")[0]
         print(stats)
         print("submissions by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())))

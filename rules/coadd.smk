@@ -196,10 +196,7 @@ rule lightcurves:
         mem_mb=mem_mb(4000),
         runtime=runtime_min(30),
     params:
-        forced=lambda wildcards: [
-            os.path.join(FORCED_DIR.format(fbatch=forced_batch(n)), f"{v}.parquet")
-            for n, v in forced_visits()
-        ],
+        forced=lambda wildcards: [forced_file(n, v) for n, v in forced_visits()],
         plot=(
             lambda wildcards: (
                 "--plot "

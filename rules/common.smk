@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import shlex
+from types import SimpleNamespace
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
@@ -289,7 +290,7 @@ def _excluded(night, visit):
 
 
 @functools.lru_cache(maxsize=4)
-def _sky_index(path, mtime_ns, size, skymap_json, pinned_json, margin):
+def _sky_index(path, mtime_ns, size, skymap_json, pinned_json, margin, nights_per_job):
     from surveyred.footprint import field_tracts, skymap_config, visit_patches
 
     inv = _read_inventory(path, mtime_ns, size)
@@ -311,23 +312,42 @@ def _sky_index(path, mtime_ns, size, skymap_json, pinned_json, margin):
             continue
         for pid in pids:
             coadds.setdefault((str(tract), pid, band[key]), []).append(key)
-    by_id = {str(t.id): t for t in tracts.values()}
-    return by_id, patches, coadds
+    coadded = {(t, p) for t, p, _ in coadds}
+    # (night, visit) -> the coadded patches it touches, i.e. its forced-photometry objects
+    objects = {
+        key: [(str(tract), p) for p in pids if (str(tract), p) in coadded]
+        for key, (tract, pids) in patches.items()
+    }
+    forced = [k for k in sorted(patches) if not _excluded(*k) and objects[k]]
+    batches = {}  # forced-photometry job -> [(night, visit)]
+    for night, visit in forced:
+        batches.setdefault(forced_batch(night, nights_per_job), []).append(
+            (night, visit)
+        )
+    return SimpleNamespace(
+        tracts={str(t.id): t for t in tracts.values()},
+        patches=patches,
+        coadds=coadds,
+        objects=objects,
+        forced=forced,
+        batches=batches,
+    )
 
 
 def sky_index():
-    """``(tracts by id, {(night, visit): (tract, [patch])}, {(tract, patch, band): [(night, visit)]})``."""
+    """Tracts, patches per visit, visits per coadd and the forced-photometry plan."""
     return _sky_index(
         *_inventory_key(),
         SKYMAP_JSON,
         json.dumps(config["skymap"]["tracts"], sort_keys=True),
         float(config["skymap"]["footprint_margin_arcsec"]),
+        int(config["forced"]["nights_per_job"]),
     )
 
 
 def coadd_keys():
     """Sorted ``[(tract, patch, band)]`` of the coadds to build."""
-    return sorted(sky_index()[2])
+    return sorted(sky_index().coadds)
 
 
 def patch_keys():
@@ -336,19 +356,19 @@ def patch_keys():
 
 
 def tract_json(tract):
-    t = sky_index()[0][str(tract)]
+    t = sky_index().tracts[str(tract)]
     return json.dumps({"id": t.id, "ra": t.ra, "dec": t.dec}, sort_keys=True)
 
 
 def visit_tract_patches(wildcards):
     """``(tract, [patch])`` of a visit (from its header-WCS footprint)."""
-    return sky_index()[1].get((wildcards.night, wildcards.visit), (None, []))
+    return sky_index().patches.get((wildcards.night, wildcards.visit), (None, []))
 
 
 def coadd_visits(wildcards):
     key = (wildcards.tract, wildcards.patch, wildcards.band)
     try:
-        return sky_index()[2][key]
+        return sky_index().coadds[key]
     except KeyError:
         raise WorkflowError(
             f"no exposure of band {wildcards.band} touches patch {wildcards.patch} of "
@@ -358,39 +378,36 @@ def coadd_visits(wildcards):
 
 def forced_visits():
     """Science visits measured by forced photometry: not excluded, on a coadded patch."""
-    _, patches, coadds = sky_index()
-    done = {(t, p) for t, p, _ in coadds}
-    return [
-        (n, v)
-        for n, v in science_visits()
-        if not _excluded(n, v)
-        and any(
-            (str(patches[(n, v)][0]), p) in done
-            for p in patches.get((n, v), (0, []))[1]
-        )
-    ]
+    return sky_index().forced
 
 
-def forced_batch(night):
+def forced_batch(night, nights_per_job):
     """The forced-photometry job of a night: the first night of its calendar window.
 
     Windows of ``forced.nights_per_job`` days are anchored at 2000-01-01, so adding
     nights never moves the other nights to another job.
     """
-    n = int(config["forced"]["nights_per_job"])
-    if n <= 1:
+    if nights_per_job <= 1:
         return night
     day = (datetime.date(int(night[:4]), int(night[4:6]), int(night[6:])) - EPOCH).days
-    return (EPOCH + datetime.timedelta(days=day - day % n)).strftime("%Y%m%d")
+    return (EPOCH + datetime.timedelta(days=day - day % nights_per_job)).strftime(
+        "%Y%m%d"
+    )
 
 
 def forced_batches():
-    return sorted({forced_batch(n) for n, _ in forced_visits()})
+    return sorted(sky_index().batches)
+
+
+def forced_file(night, visit):
+    """The forced-photometry table of a visit."""
+    batch = forced_batch(night, int(config["forced"]["nights_per_job"]))
+    return os.path.join(FORCED_DIR.format(fbatch=batch), f"{visit}.parquet")
 
 
 def batch_visits(wildcards):
     """``[(night, visit)]`` measured by the forced-photometry job ``wildcards.fbatch``."""
-    return [(n, v) for n, v in forced_visits() if forced_batch(n) == wildcards.fbatch]
+    return sky_index().batches.get(wildcards.fbatch, [])
 
 
 def batch_dirs(wildcards, pattern):
@@ -399,10 +416,7 @@ def batch_dirs(wildcards, pattern):
 
 def visit_objects(night, visit):
     """The coadd catalogs of the coadded patches a visit touches."""
-    _, patches, coadds = sky_index()
-    tract, pids = patches[(night, visit)]
-    done = {(t, p) for t, p, _ in coadds}
-    return [(str(tract), p) for p in pids if (str(tract), p) in done]
+    return sky_index().objects[(night, visit)]
 
 
 def batch_patches(wildcards):

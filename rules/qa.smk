@@ -20,7 +20,7 @@ QA_METRICS = os.path.join(QA_DIR, "metrics.parquet")
 QA_METRICS_HTML = os.path.join(QA_DIR, "metrics.html")
 # patch "x,y" written x-y: a comma in a file name ends the header of the data URI that
 # the Snakemake report embeds the image in, and the image does not load
-QA_THUMBNAIL = os.path.join(QA_PLOTS, "coadd", "coadd_{tract}_{px}-{py}_{band}.png")
+QA_THUMBNAIL = os.path.join(QA_PLOTS, "coadd", "coadd_{tract}_{px}-{py}.png")
 QA_CONFIG = config.get("qa", {})
 # light curves plotted: qa.lightcurve_objects, else lightcurves.plot
 QA_CONFIG_JSON = json.dumps(
@@ -50,13 +50,17 @@ qa_calsrc_dirs = lambda wildcards: [
     CALSRC_DIR.format(night=n, visit=v) for n, v in science_visits()
 ]
 qa_lightcurves = lambda wildcards: [LIGHTCURVES] if forced_visits() else []
+# one thumbnail per patch, a panel per band (not one job per coadd: at survey scale
+# a job per coadd adds a hundred jobs to the dry run for no science)
 qa_thumbnails = lambda wildcards: [
-    QA_THUMBNAIL.format(tract=t, px=p.split(",")[0], py=p.split(",")[1], band=b)
-    for t, p, b in coadd_keys()
+    QA_THUMBNAIL.format(tract=t, px=p.split(",")[0], py=p.split(",")[1])
+    for t, p in patch_keys()
 ]
-qa_thumbnail_coadd = lambda wildcards: COADD.format(
-    tract=wildcards.tract, patch=f"{wildcards.px},{wildcards.py}", band=wildcards.band
-)
+qa_thumbnail_coadds = lambda wildcards: [
+    COADD.format(tract=t, patch=p, band=b)
+    for t, p, b in coadd_keys()
+    if (t, p) == (wildcards.tract, f"{wildcards.px},{wildcards.py}")
+]
 # every QA product (the lead adds qa_targets to rule all)
 qa_targets = lambda wildcards: [
     QA_STATUS,
@@ -219,16 +223,15 @@ rule qa_plots:
 
 rule qa_coadd_thumbnail:
     input:
-        qa_thumbnail_coadd,
+        qa_thumbnail_coadds,
     output:
         report(
             QA_THUMBNAIL,
             caption="../report/coadd.rst",
             category="Coadds",
-            subcategory="band {band}",
         ),
     log:
-        os.path.join(LOGS, "qa", "thumbnail", "{tract}", "{px}-{py}_{band}.log"),
+        os.path.join(LOGS, "qa", "thumbnail", "{tract}", "{px}-{py}.log"),
     wildcard_constraints:
         px=r"\d+",
         py=r"\d+",

@@ -159,6 +159,16 @@ def test_coadd_thumbnail_shows_the_star_where_it_is(tmp_path):
     out = tmp_path / "t.png"
     assert P.main(["--coadd", str(path), "--output", str(out), "--config-json", '{"plots": {"thumbnail_pixels": 250}}']) == 0
     assert imread(out).shape[0] > 100
+    # a patch's bands side by side, in band order whatever the argument order
+    hdul[0].header["BAND"] = "g"
+    path_g = tmp_path / "coadd_g.fits"
+    hdul.writeto(path_g)
+    fig2 = P.coadd_thumbnail_figure([path, path_g], pixels=250)
+    assert [ax.get_title().split(" band ")[1][0] for ax in fig2.axes] == ["g", "r"]
+    assert fig2.axes[0].get_position().x1 <= fig2.axes[1].get_position().x0
+    out2 = tmp_path / "t2.png"
+    assert P.main(["--coadd", str(path), str(path_g), "--output", str(out2)]) == 0
+    assert imread(out2).shape[1] > imread(out).shape[1]
 
 
 def test_corrupt_coadd_is_one_line_error(tmp_path, capsys):

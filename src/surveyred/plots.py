@@ -5,7 +5,7 @@ Two modes::
     surveyred qa-plots RESULTS_DIR --outdir results/qa/plots [--instrument simcam]
         [--metrics results/qa/metrics.parquet] [--status results/qa/status.parquet]
         [--lightcurves results/lightcurves/lightcurves.parquet] [--objects NAME ...]
-    surveyred qa-plots --coadd coadd/{tract}/{patch}/{band}.fits --output thumb.png
+    surveyred qa-plots --coadd coadd/{tract}/{patch}/*.fits --output thumb.png
 
 The first writes a fixed set of files (so a rule can declare them), each a
 figure with one panel per band where that applies:
@@ -619,7 +619,8 @@ def asinh_stretch(image: np.ndarray, *, softening_sigma: float = 3.0) -> np.ndar
     return np.where(np.isfinite(out), out, 0.0)
 
 
-def coadd_thumbnail_figure(path: str | Path, *, pixels: int = 600, softening_sigma: float = 3.0):
+def _thumbnail_image(path: str | Path, pixels: int, softening_sigma: float):
+    """A coadd's IMAGE block-averaged to at most ``pixels`` a side and asinh-stretched, and its title."""
     from astropy.io import fits
 
     try:
@@ -638,15 +639,27 @@ def coadd_thumbnail_figure(path: str | Path, *, pixels: int = 600, softening_sig
         with np.errstate(invalid="ignore"):
             image = np.nanmean(image[:ny, :nx].reshape(ny // step, step, nx // step, step), axis=(1, 3))
     shown = np.ma.masked_where(~np.isfinite(image), asinh_stretch(image, softening_sigma=softening_sigma))
-    h, w = shown.shape
-    fig = _figure(max(3.0, 6.0 * w / max(h, w)) + 0.2, max(3.0, 6.0 * h / max(h, w)) + 0.5)
-    ax = fig.add_axes([0.02, 0.02, 0.96, 0.9])
+    return shown, f"tract {tract} patch {patch} band {band} ({ninputs} inputs)", str(band)
+
+
+def coadd_thumbnail_figure(paths: str | Path | Sequence[str | Path], *, pixels: int = 600,
+                           softening_sigma: float = 3.0):
+    """Thumbnails of a patch's coadds, one panel per band (in band order), asinh stretch."""
     import matplotlib
 
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    panels = sorted((_thumbnail_image(p, pixels, softening_sigma) for p in paths), key=lambda t: t[2])
+    h, w = panels[0][0].shape
+    pw, ph = max(3.0, 6.0 * w / max(h, w)), max(3.0, 6.0 * h / max(h, w))
+    n = len(panels)
+    fig = _figure(pw * n + 0.2, ph + 0.5)
     cmap = matplotlib.colormaps["gray"].with_extremes(bad="#27364a")  # no data: slate blue, not black
-    ax.imshow(shown, origin="lower", cmap=cmap, interpolation="nearest", vmin=0.0, vmax=1.0)
-    ax.set_axis_off()
-    ax.set_title(f"tract {tract} patch {patch} band {band} ({ninputs} inputs), asinh stretch", fontsize=9)
+    for i, (shown, title, _) in enumerate(panels):
+        ax = fig.add_axes([(i + 0.02) / n, 0.02, 0.96 / n, 0.9])
+        ax.imshow(shown, origin="lower", cmap=cmap, interpolation="nearest", vmin=0.0, vmax=1.0)
+        ax.set_axis_off()
+        ax.set_title(f"{title}, asinh stretch" if n == 1 else title, fontsize=9 if n == 1 else 7)
     return fig
 
 
@@ -755,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refcat-astrom", default=None, help="STORE/NAME of the astrometric reference catalog "
                    "(residual vectors against it; default or 'none': against mean positions over visits)")
     p.add_argument("--objects", nargs="*", default=[], help="objects whose light curves to plot")
-    p.add_argument("--coadd", default=None, help="a coadd FITS: write its thumbnail to --output")
+    p.add_argument("--coadd", nargs="+", default=None,
+                   help="a patch's coadds (one per band): write their thumbnails, one panel per band, to --output")
     p.add_argument("--output", default=None, help="the thumbnail PNG (with --coadd)")
     p.add_argument("--config-json", default=None, help='the "qa" section: {"plots": {...}, "metrics": {...}, "lightcurve_objects": [...]}')
     common_arguments(p)

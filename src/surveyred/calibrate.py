@@ -66,7 +66,6 @@ from astropy.io import fits
 from . import fitsio, refcat
 from .astrometry import AstrometryConfig, SipWcs, calibrate_astrometry, nn_match, tan_project
 from .errors import ConfigError, CorruptInput, NoReferenceMatch, SurveyredError
-from .fitsio import atomic_path
 from .photometry import PhotometryConfig, calibrated_magnitudes, fit_zero_point, instrumental_mag
 from . import __version__
 from .provenance import add_provenance, config_hash, git_revision
@@ -290,13 +289,7 @@ def _load_ref(catdir: str | None, wcs: SipWcs, shape, epoch: float, margin_arcse
     return refcat.load_region(catdir, float(ra[0]), float(dec[0]), radius, epoch=epoch)
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, meta: Mapping[str, Any]) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    old = dict(table.schema.metadata or {})
-    old.update({str(k).encode(): str(v).encode() for k, v in meta.items()})
-    table = table.replace_schema_metadata(old)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+_write_parquet = fitsio.write_parquet
 
 
 def calibrate_visit(src_paths: Sequence[str], calexp_paths: Sequence[str], *, astrom_catdir: str | None,

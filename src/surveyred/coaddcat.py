@@ -394,12 +394,10 @@ def run_coadd_catalog(paths: Sequence[str], *, tract: int, patch: str, output: s
     """Read the coadds, build the catalog and write it (the command's body)."""
     import warnings
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from astropy.wcs import WCS, FITSFixedWarning
 
     from . import __version__
-    from .fitsio import atomic_path
+    from .fitsio import write_parquet
     from .provenance import config_hash, git_revision
     from .skymap import BBox, SkymapConfig, _parse_patch_id, make_tracts
 
@@ -462,10 +460,7 @@ def run_coadd_catalog(paths: Sequence[str], *, tract: int, patch: str, output: s
         meta[f"apcorr_{b}"] = repr(float(s["apcorr"]))
         meta[f"n_detected_{b}"] = str(s["n_detected"])
         meta[f"status_{b}"] = s["status"]
-    t = pa.Table.from_pandas(table, preserve_index=False)
-    t = t.replace_schema_metadata({k.encode(): str(v).encode() for k, v in meta.items()})
-    with atomic_path(output) as tmp:
-        pq.write_table(t, tmp)
+    write_parquet(table, output, meta)
     log.info("tract %s patch %s: %d objects (%d inner) -> %s", tract, patch, len(table), int(table["inner"].sum()),
              output)
     return table

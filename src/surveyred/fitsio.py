@@ -64,6 +64,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def write_parquet(df, path: str | os.PathLike, meta) -> None:
+    """Write a DataFrame atomically to ``path`` as Parquet, ``meta`` in the schema metadata.
+
+    ``meta`` values are stored as strings beside pandas' own metadata (so that
+    the table reads back with its dtypes); no timestamps, so identical inputs
+    give identical bytes.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    md = dict(table.schema.metadata or {})
+    md.update({str(k).encode(): str(v).encode() for k, v in meta.items()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(md), tmp)
+
+
 def write_hdulist(hdul: fits.HDUList, path: str | os.PathLike) -> None:
     """Write ``hdul`` atomically to ``path``.
 

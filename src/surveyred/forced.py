@@ -542,16 +542,9 @@ def load_detectors(calexps: Sequence[str], wcs_paths: Sequence[str], psf_paths: 
 
 
 def write_forced(table: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from .fitsio import write_parquet
 
-    from .fitsio import atomic_path
-
-    t = pa.Table.from_pandas(table, preserve_index=False)
-    md = {k.encode(): str(v).encode() for k, v in meta.items()}
-    t = t.replace_schema_metadata(md)
-    with atomic_path(path) as tmp:
-        pq.write_table(t, tmp)
+    write_parquet(table, path, meta)
 
 
 def run_forced(calexps, wcs_paths, psf_paths, object_paths, *, output, positions=None,

@@ -125,11 +125,9 @@ def plot_lightcurve(lc: pd.DataFrame, path: str | os.PathLike, *, title: str) ->
 
 
 def run_lightcurve(forced_paths, *, output, plots: Sequence[str] = (), plot_dir=None) -> pd.DataFrame:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from . import __version__
-    from .fitsio import atomic_path
+    from .fitsio import write_parquet
     from .provenance import git_revision
 
     lcs = build_lightcurves(read_forced(forced_paths))
@@ -140,19 +138,16 @@ def run_lightcurve(forced_paths, *, output, plots: Sequence[str] = (), plot_dir=
                           f"{len(forced_paths)} forced table(s)")
     if plots and plot_dir is None:
         plot_dir = Path(output).parent / "plots"
-    t = pa.Table.from_pandas(lcs, preserve_index=False)
     meta = {"software_version": __version__, "git_revision": git_revision(), "step": "lightcurve",
             "inputs": ",".join(sorted(Path(p).name for p in forced_paths)),
             "units": json.dumps({"mjd": "d", "psf_flux": "nJy", "psf_flux_err": "nJy", "ap_flux": "nJy",
                                  "ap_flux_err": "nJy", "ra": "deg", "dec": "deg", "zero_point_err": "mag"})}
-    t = t.replace_schema_metadata({k.encode(): v.encode() for k, v in meta.items()})
     for key in plots:  # the plots first: the table (the rule's main output) appears last
         lc = lcs[lcs["lc_id"] == str(key)]
         dest = Path(plot_dir) / f"lc_{_safe(key)}.png"
         plot_lightcurve(lc, dest, title=f"{key} ({len(lc)} visits, {int(lc['flagged'].sum())} flagged)")
         log.info("plot %s -> %s", key, dest)
-    with atomic_path(output) as tmp:
-        pq.write_table(t, tmp)
+    write_parquet(lcs, output, meta)
     log.info("%d light curves, %d measurements -> %s", len(keys), len(lcs), output)
     return lcs
 

@@ -123,7 +123,7 @@ from scipy.spatial import cKDTree
 
 from . import __version__
 from .errors import ConfigError, CorruptInput, InsufficientData, MissingInput
-from .fitsio import atomic_path
+from .fitsio import atomic_path, write_parquet
 from .provenance import config_hash, git_revision
 from .runtime import common_arguments, json_arg, run, setup_logging
 
@@ -854,12 +854,7 @@ def _read_visit_summaries(paths: Sequence[str]) -> pd.DataFrame:
 
 
 def write_metrics(table: pd.DataFrame, path: str | Path, meta: Mapping[str, Any]) -> None:
-    pt = pa.Table.from_pandas(table, preserve_index=False)
-    old = dict(pt.schema.metadata or {})
-    old.update({str(k).encode(): str(v).encode() for k, v in meta.items()})
-    pt = pt.replace_schema_metadata(old)
-    with atomic_path(path) as tmp:
-        pq.write_table(pt, tmp)
+    write_parquet(table, path, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -680,20 +680,12 @@ def status_json(report: StatusReport) -> dict[str, Any]:
 
 def _write_parquet(df: pd.DataFrame, path: str | os.PathLike, meta: Mapping[str, Any],
                    config: Mapping[str, Any] | None, step: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from . import __version__
-    from .fitsio import atomic_path
+    from .fitsio import write_parquet
     from .provenance import config_hash, git_revision
 
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    md = dict(table.schema.metadata or {})
-    full = {"software_version": __version__, "git_revision": git_revision(), "config_hash": config_hash(config),
-            "step": step, **meta}
-    md.update({str(k).encode(): str(v).encode() for k, v in full.items()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(md), tmp)
+    write_parquet(df, path, {"software_version": __version__, "git_revision": git_revision(),
+                             "config_hash": config_hash(config), "step": step, **meta})
 
 
 def _write_text(text: str, path: str | os.PathLike) -> None:
